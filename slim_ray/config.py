@@ -1,0 +1,106 @@
+"""One typed config for every stage: YAML file + `--set section.key=value` overrides.
+
+Each stage reads only its own section; `extra="forbid"` everywhere turns a typo in a YAML key or an
+override into an error that names the key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from slim_ray.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "ml100k"
+    output_dir: Path = Field(Path("runs/ml100k"), description="Everything a run writes lives here.")
+    seed: int = 42
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description="Cluster to join (ray://... or host:port). None: start a local Ray, "
+        "unless RAY_ADDRESS is set in the environment."
+    )
+    num_cpus: int | None = Field(2, description="CPUs of the local Ray instance (None: all).")
+    object_store_memory_mb: int | None = Field(1024, description="Local object store size.")
+    temp_dir: str | None = Field(None, description="Ray session dir of a local instance.")
+
+
+class DataConfig(_Section):
+    format: Literal["recbole", "amazon2014", "amazon2018", "amazon2023"] = "recbole"
+    interactions: Path | None = Field(
+        None, description="Interactions file: RecBole .inter, Amazon reviews .json(.gz)/.jsonl(.gz). "
+        "None with format=recbole: the ML-100k copy shipped in the recbole package."
+    )
+    items: Path | None = Field(None, description="Item metadata file: RecBole .item or Amazon meta.")
+    rating_threshold: float | None = Field(None, description="Keep interactions rated >= this.")
+    kcore: int = Field(0, ge=0, description="Iterative k-core: every user and item keeps >= k.")
+    max_len: int = Field(50, ge=1, description="Longest history fed to models (most recent items).")
+    min_seq_len: int = Field(3, ge=3, description="Users with fewer interactions are dropped "
+                             "(3 = one train item + valid + test).")
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
+
+    @property
+    def prepared_dir(self) -> Path:
+        return self.run.output_dir / "prepared"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`data.kcore=5` -> (["data", "kcore"], 5); the value is parsed as YAML (null, 1e-3, [a, b])."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: invalid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        source = f" (from {path})" if path else ""
+        raise ConfigError(f"config field {where}: {first['msg']}{source}") from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

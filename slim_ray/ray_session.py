@@ -1,0 +1,60 @@
+"""How every stage gets a Ray cluster: join the one named, else start (and later stop) a local one.
+
+Never `address="auto"`: on a shared machine it can attach to somebody else's cluster. A local
+instance is started with `address="local"` and shut down by this process alone (never `ray stop`).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from slim_ray.config import RayConfig
+from slim_ray.errors import ConfigError
+
+# Every process of ours: no hub downloads, no tokenizer thread pools fighting over 2 cores.
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_WAIT_POLICY": "PASSIVE",
+}
+
+
+def resolve_address(cfg: RayConfig) -> str | None:
+    """The cluster to join, or None for a fresh local instance."""
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+    if address == "auto":
+        raise ConfigError("ray.address / RAY_ADDRESS 'auto' is not accepted: give the cluster's "
+                          "explicit address (host:6379 or ray://host:10001)")
+    return address
+
+
+@contextmanager
+def ray_session(cfg: RayConfig, env: dict[str, str] | None = None) -> Iterator[dict]:
+    """Yields a dict describing the session; shuts Ray down afterwards only if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        yield {"address": ray.get_runtime_context().gcs_address, "started_here": False}
+        return
+    os.environ.update(WORKER_ENV)
+    runtime_env = {"env_vars": {**WORKER_ENV, **(env or {})}}
+    address = resolve_address(cfg)
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            object_store_memory=cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None,
+            include_dashboard=False,
+            _temp_dir=cfg.temp_dir,
+            runtime_env=runtime_env,
+        )
+    try:
+        yield {"address": ray.get_runtime_context().gcs_address, "started_here": True,
+               "local": address is None}
+    finally:
+        ray.shutdown()

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny raw datasets in every supported format, written by the tests themselves."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# (user, item, rating, timestamp): u1 and u2 have equal timestamps to check the stable order.
+INTERACTIONS = [
+    ("u1", "i1", 5, 100), ("u1", "i2", 4, 200), ("u1", "i3", 3, 200), ("u1", "i4", 5, 400),
+    ("u2", "i2", 2, 150), ("u2", "i1", 5, 150), ("u2", "i3", 4, 300), ("u2", "i5", 1, 350),
+    ("u3", "i4", 5, 10), ("u3", "i1", 4, 20), ("u3", "i2", 5, 30),
+    ("u4", "i9", 5, 10), ("u4", "i1", 4, 20),  # too short: dropped by min_seq_len=3
+]
+ITEMS = {
+    "i1": ("Alpha", ["Action", "Drama"], "Acme"), "i2": ("Beta", ["Comedy"], "Bolt"),
+    "i3": ("Gamma", ["Drama"], ""), "i4": ("Delta", ["Action"], "Acme"), "i5": ("Epsilon", [], ""),
+    "i9": ("Omega", ["Horror"], ""),
+}
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    data = "\n".join(lines) + "\n"
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def recbole_files(tmp_path: Path) -> tuple[Path, Path]:
+    inter = write_lines(tmp_path / "toy.inter", ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+                        + [f"{u}\t{i}\t{r}\t{t}" for u, i, r, t in INTERACTIONS])
+    item = write_lines(tmp_path / "toy.item", ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
+                       + [f"{i}\t{t}\t1999\t{' '.join(c)}" for i, (t, c, _) in ITEMS.items()])
+    return inter, item
+
+
+@pytest.fixture
+def amazon2014_files(tmp_path: Path) -> tuple[Path, Path]:
+    (tmp_path := tmp_path / "amazon2014").mkdir()
+    reviews = write_lines(tmp_path / "reviews_Toy_5.json.gz", [json.dumps(
+        {"reviewerID": u, "asin": i, "overall": float(r), "unixReviewTime": t, "reviewText": "ok"})
+        for u, i, r, t in INTERACTIONS])
+    # 2014 metadata is one Python dict literal per line (single quotes), categories nested.
+    meta = write_lines(tmp_path / "meta_Toy.json.gz", [repr(
+        {"asin": i, "title": t, "categories": [["Toys"] + c], "brand": b, "price": 1.5})
+        for i, (t, c, b) in ITEMS.items()])
+    return reviews, meta
+
+
+@pytest.fixture
+def amazon2018_files(tmp_path: Path) -> tuple[Path, Path]:
+    (tmp_path := tmp_path / "amazon2018").mkdir()
+    reviews = write_lines(tmp_path / "Toy_5.json.gz", [json.dumps(
+        {"reviewerID": u, "asin": i, "overall": float(r), "unixReviewTime": t, "verified": True})
+        for u, i, r, t in INTERACTIONS])
+    meta = write_lines(tmp_path / "meta_Toy.json.gz", [json.dumps(
+        {"asin": i, "title": t, "category": ["Toys"] + c, "brand": b}) for i, (t, c, b) in ITEMS.items()])
+    return reviews, meta
+
+
+@pytest.fixture
+def amazon2023_files(tmp_path: Path) -> tuple[Path, Path]:
+    (tmp_path := tmp_path / "amazon2023").mkdir()
+    reviews = write_lines(tmp_path / "Toy.jsonl", [json.dumps(
+        {"user_id": u, "asin": f"{i}-variant", "parent_asin": i, "rating": float(r),
+         "timestamp": t * 1000, "text": "ok"}) for u, i, r, t in INTERACTIONS])
+    meta = write_lines(tmp_path / "meta_Toy.jsonl.gz", [json.dumps(
+        {"parent_asin": i, "title": t, "main_category": "Toys", "categories": ["Toys"] + c,
+         "store": b, "details": {}}) for i, (t, c, b) in ITEMS.items()])
+    return reviews, meta
