@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from slim_ray.config import Config, load_config
-from slim_ray.errors import SlimRayError
+from slim_ray.errors import ConfigError, SlimRayError
 
 app = typer.Typer(
     help="SLIM on Ray: distil LLM rationales into a small LM and fuse them into sequential "
@@ -95,6 +95,73 @@ def prepare(
     _guard(action)
 
 
+def print_eval(report: dict) -> None:
+    negatives = report["protocol"]["negatives"]
+    table = Table(title=f"{report['backbone']} on {report['split']} ({report['users']} users; full ranking "
+                  "masks history items)")
+    table.add_column("protocol")
+    for metric in ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10"):
+        table.add_column(metric.upper(), justify="right")
+    cold = report["cold"]
+    rows = [("full ranking", report["full"]), (f"sampled {negatives} negatives", report[f"sampled{negatives}"]),
+            (f"cold items ({cold['users']} users)", cold)]
+    for name, values in rows:
+        table.add_row(name, *(f"{values[m]:.4f}" if m in values else "-" for m in
+                              ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10")))
+    console.print(table)
+    console.print(f"popularity bias (full ranking): EFD@10 {report['full']['efd@10']:.4f}  "
+                  f"EPC@10 {report['full']['epc@10']:.4f}")
+
+
+BackboneOpt = typer.Option(None, help="SASRec | GRU4Rec | SRGNN (train.backbone).")
+
+
+@app.command()
+def train(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    backbone: Optional[str] = BackboneOpt,
+    strategy: Optional[str] = typer.Option(None, help="ddp | deepspeed (train.strategy)."),
+    zero_stage: Optional[int] = typer.Option(None, help="DeepSpeed ZeRO stage 1-3 (train.zero_stage)."),
+    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers (train.num_workers)."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (train.epochs)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint of the "
+                                "previous run instead of starting over."),
+) -> None:
+    """Train a sequential backbone with Ray Train; keep the best-validation model; evaluate on test."""
+    from slim_ray.train import run_evaluate, run_train
+
+    def action() -> None:
+        cfg = _config(config, overrides, **{
+            "train.backbone": backbone, "train.strategy": strategy, "train.zero_stage": zero_stage,
+            "train.num_workers": num_workers, "train.epochs": epochs})
+        meta = run_train(cfg, resume=resume)
+        console.print(f"best epoch {meta['best_epoch']} (valid NDCG@10 {meta['valid_ndcg@10']:.4f}); "
+                      f"model in [bold]{cfg.model_dir()}[/]")
+        print_eval(run_evaluate(cfg))
+
+    _guard(action)
+
+
+@app.command()
+def evaluate(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    backbone: Optional[str] = BackboneOpt,
+    split: str = typer.Option("test", help="valid | test."),
+) -> None:
+    """Leave-one-out evaluation of a trained backbone: full ranking and sampled negatives."""
+    from slim_ray.train import run_evaluate
+
+    def action() -> None:
+        if split not in ("valid", "test"):
+            raise ConfigError(f"--split must be valid or test, got {split!r}")
+        cfg = _config(config, overrides, **{"train.backbone": backbone})
+        print_eval(run_evaluate(cfg, split=split))
+
+    _guard(action)
+
+
 @app.command()
 def pipeline(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Run every stage end to end on one config (the README's run command)."""
@@ -104,6 +171,11 @@ def pipeline(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] 
         console.rule(f"[bold]{stage}")
         if stage == "prepare":
             print_stats(result)
+        elif stage == "evaluate":
+            print_eval(result)
+        elif stage == "train":
+            console.print(f"best epoch {result['best_epoch']} of {result['epochs_run']} "
+                          f"(valid NDCG@10 {result['valid_ndcg@10']:.4f})")
 
     def action() -> None:
         cfg = _config(config, overrides)

@@ -49,14 +49,37 @@ class DataConfig(_Section):
                              "(3 = one train item + valid + test).")
 
 
+class TrainConfig(_Section):
+    backbone: Literal["SASRec", "GRU4Rec", "SRGNN"] = "SASRec"
+    model: dict[str, Any] = Field(default_factory=dict, description="Backbone hyper-parameters "
+                                  "overriding RecBole's defaults, e.g. {hidden_dropout: 0.2}.")
+    epochs: int = Field(30, ge=1, description="Maximum epochs (early stopping may end sooner).")
+    batch_size: int = Field(256, ge=1, description="Global batch size, split across workers.")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int = Field(5, ge=1, description="Epochs without a better validation NDCG@10 "
+                          "before stopping; the best validation epoch is the model kept.")
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = Field(2, ge=1, le=3, description="DeepSpeed ZeRO stage (strategy=deepspeed).")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs per worker = its torch threads.")
+    use_gpu: bool = False
+    shuffle_buffer: int = Field(20000, ge=0, description="Ray Data local shuffle buffer (rows).")
+    eval_negatives: int = Field(100, ge=1, description="Negatives of the sampled protocol.")
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
     data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
 
     @property
     def prepared_dir(self) -> Path:
         return self.run.output_dir / "prepared"
+
+    def model_dir(self, backbone: str | None = None) -> Path:
+        return self.run.output_dir / "models" / (backbone or self.train.backbone)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

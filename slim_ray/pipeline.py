@@ -1,6 +1,6 @@
 """The end-to-end pipeline behind the README's run command: every stage in order on one config.
 
-Stages that exist so far: prepare. Each later stage appends itself here.
+Stages that exist so far: prepare -> train (backbone) -> evaluate. Each later stage appends itself.
 """
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ from slim_ray.config import Config
 def run_pipeline(cfg: Config, report: Callable[[str, dict], None]) -> dict[str, float]:
     """Runs the stages in order; `report(stage, result)` prints each result. Returns stage wall times."""
     from slim_ray.prepare import run_prepare
+    from slim_ray.train import run_evaluate, run_train
 
+    stages = [("prepare", lambda: run_prepare(cfg.data, cfg.prepared_dir)),
+              ("train", lambda: run_train(cfg)),
+              ("evaluate", lambda: run_evaluate(cfg))]
     walls: dict[str, float] = {}
-    start = time.perf_counter()
-    report("prepare", run_prepare(cfg.data, cfg.prepared_dir))
-    walls["prepare"] = time.perf_counter() - start
+    for name, stage in stages:
+        start = time.perf_counter()
+        report(name, stage())
+        walls[name] = time.perf_counter() - start
     return walls

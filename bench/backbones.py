@@ -1,0 +1,103 @@
+"""Our SASRec / GRU4Rec / SRGNN vs RecBole 1.2.1's on the identical ML-100k split, equal budgets.
+
+  python bench/backbones.py --epochs 8                      # all three models
+  python bench/backbones.py --epochs 8 --models SASRec      # one
+
+Both sides: leave-one-out (last item test, second last valid), chronological order, max_len 50,
+CE loss over all items, batch 256, Adam lr 1e-3, same epochs, model selected on valid NDCG@10,
+test scored by full ranking with history masked. RecBole runs in its own environment
+(bench/setup_recbole_env.sh). The script asserts equal user/item/interaction counts and identical
+test targets before comparing. Writes bench/results/backbones.json and a BENCHMARKS.md section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import ROOT, publish  # noqa: E402
+
+from slim_ray.config import load_config  # noqa: E402
+from slim_ray.prepare import load_prepared, run_prepare  # noqa: E402
+from slim_ray.train import run_evaluate, run_train  # noqa: E402
+
+RECBOLE_PY = ROOT / ".bench-venv-recbole" / "bin" / "python"
+METRICS = ("ndcg@10", "hit@10", "ndcg@20", "hit@20", "mrr@10")
+
+
+def run_recbole(model: str, epochs: int, patience: int, workdir: Path) -> dict:
+    out = workdir / f"recbole_{model}.json"
+    cmd = [str(RECBOLE_PY), str(ROOT / "bench" / "recbole_runner.py"), "--model", model,
+           "--epochs", str(epochs), "--patience", str(patience), "--workdir", str(workdir), "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=workdir, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def check_identical_split(recbole: dict, stats: dict, items, sequences) -> None:
+    ours = stats["after_filtering"]
+    for key in ("users", "items", "interactions"):
+        assert recbole[key] == ours[key], f"{key}: RecBole {recbole[key]} vs ours {ours[key]}"
+    raw_item = dict(zip(items["item_id"], items["raw_id"]))
+    targets = {u: raw_item[t] for u, t in zip(sequences["raw_user_id"], sequences["test_target"])}
+    assert targets == recbole["test_targets"], "test targets differ between RecBole and slim-ray"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--models", nargs="+", default=["SASRec", "GRU4Rec", "SRGNN"])
+    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_backbones")
+    args = parser.parse_args()
+
+    subprocess.run(["bash", str(ROOT / "bench" / "setup_recbole_env.sh")], check=True)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    base = load_config(ROOT / "configs" / "ml100k.yaml", [
+        f"run.output_dir={args.workdir}", f"train.epochs={args.epochs}", f"train.patience={args.patience}",
+        "train.num_workers=1", "train.cpus_per_worker=2", "train.batch_size=256", "train.lr=0.001"])
+    stats = run_prepare(base.data, base.prepared_dir)
+    items, sequences, _ = load_prepared(base.prepared_dir)
+
+    rows = {}
+    for model in args.models:
+        start = time.perf_counter()
+        recbole = run_recbole(model, args.epochs, args.patience, args.workdir)
+        recbole_s = time.perf_counter() - start
+        check_identical_split(recbole, stats, items, sequences)
+        cfg = base.model_copy(update={"train": base.train.model_copy(update={"backbone": model})})
+        start = time.perf_counter()
+        meta = run_train(cfg)
+        ours_s = time.perf_counter() - start
+        report = run_evaluate(cfg)
+        ours = {m: report["full"][m.replace("hit", "hr")] for m in METRICS}
+        theirs = {m: recbole["test"][m] for m in METRICS}
+        rows[model] = {"ours": ours, "recbole": theirs, "ours_best_epoch": meta["best_epoch"],
+                       "ours_wall_s": ours_s, "recbole_wall_s": recbole_s,
+                       "ndcg10_ratio": ours["ndcg@10"] / theirs["ndcg@10"],
+                       "hit10_ratio": ours["hit@10"] / theirs["hit@10"]}
+        print(model, json.dumps(rows[model]), flush=True)
+
+    summary = {"ndcg10_ratio_vs_recbole": {m: r["ndcg10_ratio"] for m, r in rows.items()},
+               "hit10_ratio_vs_recbole": {m: r["hit10_ratio"] for m, r in rows.items()},
+               "epochs": args.epochs, "identical_split_checked": True}
+    lines = ["| model | ours NDCG@10 | RecBole NDCG@10 | ratio | ours HR@10 | RecBole HR@10 | ratio "
+             "| ours wall s | RecBole wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        lines.append(f"| {m} | {r['ours']['ndcg@10']:.4f} | {r['recbole']['ndcg@10']:.4f} | "
+                     f"**{r['ndcg10_ratio']:.3f}** | {r['ours']['hit@10']:.4f} | {r['recbole']['hit@10']:.4f} | "
+                     f"{r['hit10_ratio']:.3f} | {r['ours_wall_s']:.0f} | {r['recbole_wall_s']:.0f} |")
+    notes = (f"ML-100k (943 users, 1,682 items, 100,000 interactions; identical split asserted), "
+             f"{args.epochs} epochs each side, test full ranking with history masked, model chosen on "
+             "valid NDCG@10. Equal budgets, not converged runs: a floor for both sides, not the "
+             "literature's converged numbers. Wall times include startup (Ray, dataset build).")
+    publish("backbones", "Backbones vs RecBole 1.2.1 (ML-100k, full ranking)",
+            {"summary": summary, "models": rows}, "\n".join(lines), notes)
+
+
+if __name__ == "__main__":
+    main()
