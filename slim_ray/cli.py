@@ -7,6 +7,7 @@ stage-specific flags are shortcuts for the most used overrides.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -158,6 +159,70 @@ def evaluate(
             raise ConfigError(f"--split must be valid or test, got {split!r}")
         cfg = _config(config, overrides, **{"train.backbone": backbone})
         print_eval(run_evaluate(cfg, split=split))
+
+    _guard(action)
+
+
+def print_ledger(ledger: dict) -> None:
+    table = Table(title=f"Teacher ledger ({ledger['model']})")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for key in ("rows", "rationales", "failures", "from_cache", "requests", "retries", "prompt_tokens",
+                "completion_tokens", "truncated", "flagged_history_item", "flagged_unknown_item"):
+        table.add_row(key.replace("_", " "), f"{ledger[key]:,}")
+    table.add_row("parse rate (3 steps)", f"{ledger['parse_rate']:.1%}")
+    table.add_row("estimated cost", f"${ledger['estimated_cost_usd']:.4f}")
+    table.add_row("rationales / min (fresh calls)", f"{ledger['rationales_per_min']:.2f}")
+    table.add_row("wall time", f"{ledger['wall_s']:.0f} s")
+    console.print(table)
+    for label, key in (("failures", "failures_by_reason"), ("retries", "retries_by_reason")):
+        if ledger[key]:
+            console.print(f"{label} by reason: " + ", ".join(f"{k} {v}" for k, v in ledger[key].items()))
+
+
+@app.command()
+def teach(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    num_samples: Optional[int] = typer.Option(None, help="Users to sample (teacher.num_samples; paper: 1000)."),
+    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint (teacher.base_url)."),
+    model: Optional[str] = typer.Option(None, help="Model name at that endpoint (teacher.model)."),
+) -> None:
+    """Teacher rationales (3-step CoT) for sampled users via an OpenAI-compatible API on Ray Data.
+
+    The API key is read from the env var named by teacher.api_key_env (OPENAI_API_KEY). With the
+    default loopback base_url and nothing listening, the offline llama.cpp teacher is started.
+    Re-running resumes: cached responses are never requested again.
+    """
+    from slim_ray.teach import run_teach
+
+    def action() -> None:
+        cfg = _config(config, overrides, **{"teacher.num_samples": num_samples, "teacher.base_url": base_url,
+                                            "teacher.model": model})
+        print_ledger(run_teach(cfg))
+        console.print(f"rationales in [bold]{cfg.run.output_dir / 'teacher'}[/]")
+
+    _guard(action)
+
+
+@app.command("teacher-server")
+def teacher_server(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    port: int = typer.Option(8011, help="Port on 127.0.0.1."),
+) -> None:
+    """Serve the offline teacher (Qwen2.5-Coder-1.5B-Instruct GGUF, llama.cpp) until Ctrl-C."""
+    from slim_ray.teacher_server import local_teacher
+
+    def action() -> None:
+        tc = _config(config, overrides).teacher
+        with local_teacher(tc.model, port, tc.server_threads, tc.server_ctx) as url:
+            console.print(f"teacher '{tc.model}' serving at [bold]{url}[/] (Ctrl-C to stop)")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
 
     _guard(action)
 

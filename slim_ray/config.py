@@ -68,11 +68,44 @@ class TrainConfig(_Section):
     eval_negatives: int = Field(100, ge=1, description="Negatives of the sampled protocol.")
 
 
+class TeacherConfig(_Section):
+    base_url: str = Field("http://127.0.0.1:8011/v1", description="Any OpenAI-compatible endpoint "
+                          "(OpenAI, vLLM, llama.cpp server, Ollama). The default is the local teacher.")
+    model: str = Field("qwen2.5-coder-1.5b-instruct", description="Model name sent to the API.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Env var holding the API key (never the "
+                             "key itself); local servers need none.")
+    launch_local: bool = Field(True, description="Start the offline llama.cpp teacher server for the "
+                               "run when base_url points at 127.0.0.1 and nothing answers there.")
+    num_samples: int = Field(1000, ge=1, description="Users sampled for rationales (paper: 1000).")
+    history_len: int = Field(20, ge=1, description="Most recent history items shown in the prompt.")
+    n_candidates: int = Field(20, ge=0, description="Candidate items shown to ground step 3.")
+    n_recommend: int = Field(5, ge=1, description="Items step 3 asks for.")
+    max_tokens: int = Field(256, ge=16)
+    temperature: float = Field(0.0, ge=0)
+    timeout_s: float = Field(180.0, gt=0, description="Per request.")
+    max_retries: int = Field(5, ge=0)
+    backoff_base_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0)
+    requests_per_min: float | None = Field(None, gt=0, description="Shared by all actors.")
+    tokens_per_min: float | None = Field(None, gt=0, description="Shared by all actors.")
+    num_actors: int = Field(1, ge=1, description="Ray Data actors calling the API.")
+    concurrency: int = Field(1, ge=1, description="Requests in flight per actor.")
+    actor_cpus: float = Field(0.25, gt=0, description="CPUs reserved per actor (it mostly waits).")
+    batch_size: int = Field(8, ge=1, description="Rows per Ray Data batch.")
+    price_prompt_per_1k: float = Field(0.0, ge=0, description="USD per 1k prompt tokens (ledger).")
+    price_completion_per_1k: float = Field(0.0, ge=0, description="USD per 1k completion tokens.")
+    cache_dir: Path | None = Field(None, description="Response cache (default RUN_DIR/teacher_cache); "
+                                   "put it on shared storage for multi-node runs.")
+    server_threads: int = Field(2, ge=1, description="llama.cpp threads of the local teacher.")
+    server_ctx: int = Field(4096, ge=512, description="Context length of the local teacher.")
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    teacher: TeacherConfig = TeacherConfig()
 
     @property
     def prepared_dir(self) -> Path:

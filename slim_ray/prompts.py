@@ -1,0 +1,177 @@
+"""Prompt templates (versioned, in one place), the 3-step rationale parser and its validators.
+
+Teacher: zero-shot chain of thought over the user's chronological history, grounded by a candidate
+list: Step 1 preferences -> Step 2 genres/categories -> Step 3 concrete items from the candidates.
+Student: the same history with a shorter instruction (SLIM's simplified prompt), no candidates, so
+that it can run for every user at backfill time.
+Change PROMPT_VERSION whenever a template changes: it is part of every cache key and prompt hash.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+
+PROMPT_VERSION = "v1"
+
+_DOMAIN = {
+    "movies": {"did": "watched", "things": "movies", "aspects": "genres"},
+    "products": {"did": "purchased", "things": "products", "aspects": "categories and brands"},
+}
+
+TEACHER_SYSTEM = ("You are an expert recommender system. You reason step by step about a user's "
+                  "history and answer in exactly the requested format.")
+STUDENT_SYSTEM = "You are a helpful recommender system."
+
+
+def display_title(title: str) -> str:
+    """'Usual Suspects, The' -> 'The Usual Suspects' (catalogue titles put articles last)."""
+    match = re.match(r"^(.*), (The|A|An|Les|La|Le|Il|Das|Der|Die|El)(\s*\(.*\))?$", title.strip())
+    if match:
+        return f"{match.group(2)} {match.group(1)}{match.group(3) or ''}"
+    return title.strip()
+
+
+def describe_item(item: dict, domain: str) -> str:
+    """One line for an item: title (year) [genres] or title [categories; brand]."""
+    text = display_title(item["title"])
+    if item.get("year") and str(item["year"]) not in text:
+        text += f" ({item['year']})"
+    aspects = list(item.get("categories") or [])
+    if domain == "products" and item.get("brand"):
+        aspects.append(f"brand: {item['brand']}")
+    return f"{text} [{', '.join(aspects)}]" if aspects else text
+
+
+def teacher_messages(history: list[dict], candidates: list[dict], domain: str, n_recommend: int = 5,
+                     aspect_vocabulary: list[str] | None = None) -> list[dict]:
+    words = _DOMAIN[domain]
+    lines = [f"A user has {words['did']} the following {words['things']}, oldest first:"]
+    lines += [f"{i}. {describe_item(item, domain)}" for i, item in enumerate(history, start=1)]
+    lines += ["", f"Candidate {words['things']} the user has not {words['did']} yet:"]
+    lines += [f"- {describe_item(item, domain)}" for item in candidates]
+    vocabulary = f" Choose from: {', '.join(aspect_vocabulary)}." if aspect_vocabulary else ""
+    lines += [
+        "", "Answer in exactly three steps, each starting on a new line with its label:",
+        "Step 1: Summarize the user's preferences from the history in one or two sentences.",
+        f"Step 2: Name the {words['aspects']} the user will most likely want next, comma-separated.{vocabulary}",
+        f"Step 3: Recommend {n_recommend} {words['things']} from the candidate list, comma-separated, "
+        f"titles only. Never recommend {words['things']} from the history.",
+    ]
+    return [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def student_messages(history: list[dict], domain: str) -> list[dict]:
+    words = _DOMAIN[domain]
+    listing = "; ".join(describe_item(item, domain) for item in history)
+    instruction = (f"A user {words['did']} these {words['things']} in order: {listing}.\n"
+                   f"Step 1: summarize the user's preferences. Step 2: name the {words['aspects']} "
+                   f"they will want next. Step 3: recommend {words['things']} they have not "
+                   f"{words['did']}.")
+    return [{"role": "system", "content": STUDENT_SYSTEM}, {"role": "user", "content": instruction}]
+
+
+def prompt_hash(messages: list[dict], **params) -> str:
+    """Content address of a request: template version + messages + generation parameters."""
+    blob = json.dumps({"v": PROMPT_VERSION, "messages": messages, "params": params}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- parsing
+
+_STEP = re.compile(r"^[\s*#>_-]*step\s*([123])\s*[*_]*\s*[:.)\-–]?[*_]*\s*", re.I | re.M)
+
+
+@dataclass
+class ParsedRationale:
+    steps: list[str]  # always three strings ("" where missing)
+    parsed: bool      # all three steps present and non-empty
+
+
+def parse_rationale(text: str) -> ParsedRationale:
+    """Split 'Step 1: ... Step 2: ... Step 3: ...' (markdown-tolerant) into its three steps."""
+    marks = [(m.start(), m.end(), int(m.group(1))) for m in _STEP.finditer(text or "")]
+    steps = ["", "", ""]
+    for i, (_, end, number) in enumerate(marks):
+        stop = marks[i + 1][0] if i + 1 < len(marks) else len(text)
+        if not steps[number - 1]:
+            steps[number - 1] = text[end:stop].strip()
+    return ParsedRationale(steps, all(steps))
+
+
+def split_names(step: str) -> list[str]:
+    """'A (1995), "B", 3. C' -> ['A', 'B', 'C'] (list items of a step)."""
+    parts = re.split(r"[,;\n]|\s\d+[.)]\s", step)
+    names = []
+    for part in parts:
+        part = re.sub(r"^\s*(\d+[.)]|[-*•])\s*", "", part)
+        part = re.sub(r"\s*\(\d{4}\)|\[.*?\]|\*", "", part).strip(" \"'“”.`:")
+        if part and len(part) <= 120:
+            names.append(part)
+    return names
+
+
+def normalize_title(title: str) -> str:
+    title = display_title(title).lower()
+    title = re.sub(r"\(\d{4}\)", " ", title)
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", title).split())
+
+
+@dataclass
+class TitleIndex:
+    """Fuzzy title -> item id lookup over the catalogue."""
+
+    titles: dict[str, int]
+    _keys: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._keys = list(self.titles)
+
+    @classmethod
+    def from_items(cls, item_ids, titles) -> "TitleIndex":
+        index: dict[str, int] = {}
+        for item_id, title in zip(item_ids, titles):
+            index.setdefault(normalize_title(title), int(item_id))
+        return cls(index)
+
+    def lookup(self, name: str, cutoff: float = 0.85) -> int | None:
+        key = normalize_title(name)
+        if key in self.titles:
+            return self.titles[key]
+        close = difflib.get_close_matches(key, self._keys, n=1, cutoff=cutoff)
+        return self.titles[close[0]] if close else None
+
+
+def ground_items(step3: str, index: TitleIndex, history_ids: set[int]) -> dict:
+    """Which step-3 names resolve to catalogue items, and which of those were already seen."""
+    names = split_names(step3)
+    resolved = [index.lookup(name) for name in names]
+    known = [i for i in resolved if i is not None]
+    fresh = [i for i in known if i not in history_ids]
+    return {"named": len(names), "in_catalogue": len(known), "in_history": len(known) - len(fresh),
+            "unknown": len(names) - len(known), "item_ids": fresh}
+
+
+def named_aspects(step2: str, vocabulary: list[str]) -> list[str]:
+    """Vocabulary entries (genres/categories) named in step 2, matched case-insensitively."""
+    text = " " + re.sub(r"[^a-z0-9']+", " ", step2.lower()) + " "
+    found = []
+    for aspect in vocabulary:
+        key = " " + re.sub(r"[^a-z0-9']+", " ", aspect.lower()).strip() + " "
+        if key.strip() and key in text:
+            found.append(aspect)
+    return found
+
+
+def validate(text: str, index: TitleIndex, history_ids: set[int]) -> dict:
+    """Parse + grounding flags for one rationale (kept even when flagged)."""
+    parsed = parse_rationale(text)
+    grounding = ground_items(parsed.steps[2], index, history_ids)
+    flags = [name for name, bad in (("unparsed", not parsed.parsed),
+                                    ("history_item", grounding["in_history"] > 0),
+                                    ("unknown_item", grounding["unknown"] > 0),
+                                    ("no_items", grounding["named"] == 0)) if bad]
+    return {"steps": parsed.steps, "parsed": parsed.parsed, "flags": flags, **grounding}

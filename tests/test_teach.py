@@ -1,0 +1,150 @@
+"""Teacher stage against a real fault-injecting HTTP server on 127.0.0.1 and a local Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slim_ray.config import load_config
+from slim_ray.fault_server import FaultServer
+from slim_ray.llm_api import ChatCaller, ResponseCache, TokenBucketLimiter
+from slim_ray.prepare import run_prepare
+from slim_ray.teach import load_rationales, run_teach
+
+REPO = Path(__file__).resolve().parents[1]
+MESSAGES = [{"role": "user", "content": "Candidate movies:\n- Heat\n- Casino"}]
+
+
+def _caller(server: FaultServer, tmp_path: Path, **kw) -> ChatCaller:
+    return ChatCaller(server.base_url, "fault-model", "sk-test", timeout_s=0.5, max_retries=3,
+                      backoff_base_s=0.01, backoff_max_s=0.05, cache=ResponseCache(tmp_path / "cache"), **kw)
+
+
+@pytest.mark.parametrize("script, reasons, ok", [
+    ([], [], True),
+    (["429"], ["rate_limited"], True),
+    (["500", "500"], ["http_500", "http_500"], True),
+    (["slow"], ["timeout"], True),
+    (["malformed"], ["malformed_response"], True),
+    (["down"], ["http_500"] * 3, False),
+])
+def test_retries_classify_each_fault(tmp_path, script, reasons, ok):
+    with FaultServer(scripts=[script], slow_s=1.5, retry_after_s=0.3) as server:
+        start = time.perf_counter()
+        result = _caller(server, tmp_path).call(MESSAGES, "k1", max_tokens=32, temperature=0)
+        elapsed = time.perf_counter() - start
+    assert result.retry_reasons == reasons and result.retries == len(reasons)
+    assert (result.text is not None) == ok and (result.error is None) == ok
+    if not ok:
+        assert result.error == "http_500" and result.attempts == 4  # 1 + max_retries
+    if script == ["429"]:
+        assert elapsed >= 0.3  # Retry-After honoured over the shorter backoff
+    if ok:
+        assert "Step 3: Heat, Casino" in result.text and result.completion_tokens > 0
+
+
+def test_cache_hit_sends_nothing(tmp_path):
+    with FaultServer(scripts=[[]]) as server:
+        first = _caller(server, tmp_path).call(MESSAGES, "same-key", max_tokens=32, temperature=0)
+        again = _caller(server, tmp_path).call(MESSAGES, "same-key", max_tokens=32, temperature=0)
+        assert sum(server.stats()["requests"].values()) == 1
+    assert again.from_cache and again.attempts == 0 and again.text == first.text
+
+
+def test_token_bucket_spaces_requests():
+    limiter = TokenBucketLimiter(requests_per_min=600, tokens_per_min=None)  # one per 0.1 s
+    waits = [limiter.reserve(10) for _ in range(4)]
+    assert waits[0] == pytest.approx(0, abs=0.01)
+    assert waits[3] == pytest.approx(0.3, abs=0.02)
+    tokens = TokenBucketLimiter(None, tokens_per_min=6000)  # 100 tokens per second
+    assert tokens.reserve(50) == pytest.approx(0, abs=0.01)
+    assert tokens.reserve(50) == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.fixture(scope="module")
+def ring_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teach")
+    rng = np.random.default_rng(1)
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for user in range(40):
+        start = rng.integers(1, 30)
+        lines += [f"u{user}\t{(start + t) % 30 + 1}\t5\t{t}" for t in range(6)]
+    (root / "r.inter").write_text("\n".join(lines) + "\n")
+    items = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
+    items += [f"{i}\tFilm{i}\t1990\t{'Drama' if i % 2 else 'Comedy'}" for i in range(1, 31)]
+    (root / "r.item").write_text("\n".join(items) + "\n")
+    return root
+
+
+def _teach_overrides(root: Path, server: FaultServer, name: str) -> list[str]:
+    return [f"data.interactions={root / 'r.inter'}", f"data.items={root / 'r.item'}",
+            f"run.output_dir={root / name}", "ray.object_store_memory_mb=100",
+            f"teacher.base_url={server.base_url}", "teacher.model=fault-model", "teacher.num_samples=36",
+            "teacher.timeout_s=0.5", "teacher.max_retries=3", "teacher.backoff_base_s=0.01",
+            "teacher.backoff_max_s=0.05", "teacher.num_actors=2", "teacher.concurrency=4",
+            "teacher.batch_size=6", "teacher.n_candidates=5", "teacher.launch_local=false",
+            "teacher.price_prompt_per_1k=0.5", "teacher.price_completion_per_1k=1.5"]
+
+
+@pytest.mark.slow
+def test_every_row_ends_as_rationale_or_failure_and_rerun_uses_cache(ring_dataset):
+    with FaultServer(slow_s=1.5, retry_after_s=0.05) as server:
+        cfg = load_config(None, _teach_overrides(ring_dataset, server, "run1"))
+        run_prepare(cfg.data, cfg.prepared_dir)
+        ledger = run_teach(cfg)
+        results = load_rationales(cfg.run.output_dir / "teacher")
+        assert len(results) == 36 and results["user_id"].is_unique
+        assert (results["rationale"].notna() ^ results["error"].notna()).all()
+        assert ledger["rationales"] + ledger["failures"] == 36 and ledger["failures"] > 0
+        assert set(ledger["failures_by_reason"]) == {"http_500"}
+        assert {"rate_limited", "http_500", "timeout", "malformed_response"} <= set(ledger["retries_by_reason"])
+        truncated = results[results["finish_reason"] == "length"]
+        assert len(truncated) > 0 and not truncated["parsed"].any()  # kept, flagged
+        good = results[results["finish_reason"] == "stop"]
+        assert good["parsed"].all() and (good["in_catalogue"] == 5).all()
+        assert ledger["estimated_cost_usd"] > 0 and ledger["requests"] > 36
+
+        sent_before = sum(server.stats()["requests"].values())
+        again = run_teach(cfg)
+        assert again["from_cache"] == ledger["rationales"]  # nothing paid twice
+        assert again["rationales"] == ledger["rationales"]
+        # only the failed rows went back to the server
+        resent = sum(server.stats()["requests"].values()) - sent_before
+        assert resent == again["requests"] == ledger["failures"] * 4
+        assert max(server.stats()["successes"].values()) == 1
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_recalling_cached_prompts(ring_dataset):
+    with FaultServer(scripts=[[], ["slow"]], slow_s=0.4) as server:
+        overrides = _teach_overrides(ring_dataset, server, "killed") + ["teacher.timeout_s=5", "teacher.num_actors=1",
+                                                                         "teacher.concurrency=1"]
+        cfg = load_config(None, overrides)
+        run_prepare(cfg.data, cfg.prepared_dir)
+        cmd = [sys.executable, "-m", "slim_ray.cli", "teach"] + [a for o in overrides for a in ("--set", o)]
+        env = {**os.environ, "RAY_ADDRESS": ""}
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while sum(server.stats()["successes"].values()) < 8 and time.time() < deadline:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, nothing else
+        proc.wait()
+        done_before = sum(server.stats()["successes"].values())
+        assert 8 <= done_before < 36, "the kill must land mid-run"
+        assert not (cfg.run.output_dir / "teacher").exists()  # nothing half-written
+
+        ledger = run_teach(cfg)
+        assert ledger["rationales"] == 36 and ledger["failures"] == 0
+        assert ledger["from_cache"] >= done_before - 1  # a response in flight at the kill may be lost
+        assert max(server.stats()["successes"].values()) <= 2
+        assert sum(v == 2 for v in server.stats()["successes"].values()) <= 1
+        assert json.loads((cfg.run.output_dir / "teacher" / "ledger.json").read_text()) == ledger
