@@ -238,6 +238,8 @@ def pipeline(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] 
             print_stats(result)
         elif stage == "evaluate":
             print_eval(result)
+        elif stage == "teach":
+            print_ledger(result)
         elif stage == "train":
             console.print(f"best epoch {result['best_epoch']} of {result['epochs_run']} "
                           f"(valid NDCG@10 {result['valid_ndcg@10']:.4f})")

