@@ -3,7 +3,8 @@
 Executed with the separate RecBole environment (bench/setup_recbole_env.sh), never the project's:
   .bench-venv-recbole/bin/python bench/recbole_runner.py --model SASRec --epochs 8 --out result.json
 Reports test metrics (full ranking) plus the split itself (raw user -> raw test item) so that
-bench/backbones.py can assert that both sides evaluated the identical split.
+bench/backbones.py can assert that both sides evaluated the identical split (`--split-only`: just
+the split, no training).
 """
 
 import argparse
@@ -16,8 +17,8 @@ os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # RecBole's pick
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True, choices=["SASRec", "GRU4Rec", "SRGNN"])
-    parser.add_argument("--epochs", type=int, required=True)
+    parser.add_argument("--model", default="SASRec", choices=["SASRec", "GRU4Rec", "SRGNN"])
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--max-len", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--split-only", action="store_true", help="dump counts + test targets, no training")
     args = parser.parse_args()
 
     import torch
@@ -44,7 +46,17 @@ def main() -> None:
     })
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
+    counts = {"users": int(dataset.user_num - 1), "items": int(dataset.item_num - 1),
+              "interactions": int(len(dataset.inter_feat))}  # before sequence augmentation
     train_data, valid_data, test_data = data_preparation(config, dataset)
+    test = test_data._dataset.inter_feat
+    users = dataset.id2token(dataset.uid_field, test[dataset.uid_field].numpy())
+    items = dataset.id2token(dataset.iid_field, test[dataset.iid_field].numpy())
+    split = {**counts, "test_targets": {str(u): str(i) for u, i in zip(users, items)}}
+    if args.split_only:
+        with open(args.out, "w") as f:
+            json.dump(split, f)
+        return
     # Importing RecBole's sequential models turns anomaly detection on globally (~1.6x slower).
     torch.autograd.set_detect_anomaly(False)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
@@ -54,17 +66,10 @@ def main() -> None:
     best_valid, valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
     train_s = time.perf_counter() - start
     test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
-
-    test = test_data._dataset.inter_feat
-    users = dataset.id2token(dataset.uid_field, test[dataset.uid_field].numpy())
-    items = dataset.id2token(dataset.iid_field, test[dataset.iid_field].numpy())
     result = {
-        "model": args.model, "epochs": args.epochs, "seed": args.seed, "train_s": train_s,
-        "users": int(dataset.user_num - 1), "items": int(dataset.item_num - 1),
-        "interactions": int(len(dataset.inter_feat)),
-        "best_valid_ndcg10": float(best_valid),
-        "test": {k.lower(): float(v) for k, v in test_result.items()},
-        "test_targets": {str(u): str(i) for u, i in zip(users, items)},
+        "model": args.model, "epochs": args.epochs, "patience": args.patience, "seed": args.seed,
+        "train_s": train_s, "best_valid_ndcg10": float(best_valid),
+        "test": {k.lower(): float(v) for k, v in test_result.items()}, **split,
     }
     with open(args.out, "w") as f:
         json.dump(result, f)
