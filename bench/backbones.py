@@ -3,7 +3,7 @@
   python bench/backbones.py --epochs 8                      # all three models
   python bench/backbones.py --epochs 8 --models SASRec      # one
 
-Both sides: leave-one-out (last item test, second last valid), chronological order, max_len 50,
+Both sides: the same chronological order (RecBole gets rank timestamps, see recbole_input), leave-one-out (last item test, second last valid), chronological order, max_len 50,
 CE loss over all items, batch 256, Adam lr 1e-3, same epochs, model selected on valid NDCG@10,
 test scored by full ranking with history masked. RecBole runs in its own environment
 (bench/setup_recbole_env.sh). The script asserts equal user/item/interaction counts and identical
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, publish  # noqa: E402
 
 from slim_ray.config import load_config  # noqa: E402
+from slim_ray.datasets import packaged_ml100k_dir  # noqa: E402
 from slim_ray.prepare import load_prepared, run_prepare  # noqa: E402
 from slim_ray.train import run_evaluate, run_train  # noqa: E402
 
@@ -30,9 +32,29 @@ RECBOLE_PY = ROOT / ".bench-venv-recbole" / "bin" / "python"
 METRICS = ("ndcg@10", "hit@10", "ndcg@20", "hit@20", "mrr@10")
 
 
+def recbole_input(workdir: Path) -> Path:
+    """ML-100k for RecBole with each timestamp replaced by its chronological rank.
+
+    RecBole's ml-100k config min-max normalises timestamps and stores them as float32, which ties
+    interactions seconds apart and reorders them by file position (4 users' test items change).
+    Ranks survive that exactly, so RecBole sees the true chronological order, as slim-ray does.
+    """
+    source = packaged_ml100k_dir()
+    target = workdir / "recbole_data" / "ml-100k"
+    target.mkdir(parents=True, exist_ok=True)
+    header, *rows = (source / "ml-100k.inter").read_text().splitlines()
+    fields = [row.split("\t") for row in rows if row]
+    order = sorted(range(len(fields)), key=lambda i: int(float(fields[i][3])))  # stable
+    rank = {row: position for position, row in enumerate(order)}
+    lines = [header] + ["\t".join(f[:3] + [str(rank[i])]) for i, f in enumerate(fields)]
+    (target / "ml-100k.inter").write_text("\n".join(lines) + "\n")
+    shutil.copy(source / "ml-100k.item", target / "ml-100k.item")
+    return target.parent
+
+
 def run_recbole(workdir: Path, out: Path, *args: str) -> dict:
     cmd = [str(RECBOLE_PY), str(ROOT / "bench" / "recbole_runner.py"), *args, "--workdir", str(workdir),
-           "--out", str(out)]
+           "--data-path", str(recbole_input(workdir)), "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=workdir, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
@@ -42,7 +64,7 @@ def recbole_result(model: str, epochs: int, patience: int, workdir: Path, reuse:
     out = workdir / f"recbole_{model}.json"
     if reuse and out.is_file():
         cached = json.loads(out.read_text())
-        if (cached.get("epochs"), cached.get("patience", 10)) == (epochs, patience) and "test" in cached:
+        if (cached.get("epochs"), cached.get("patience")) == (epochs, patience) and "test" in cached:
             return cached
     return run_recbole(workdir, out, "--model", model, "--epochs", str(epochs), "--patience", str(patience))
 

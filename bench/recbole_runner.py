@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", required=True)
+    parser.add_argument("--data-path", default=None, help="folder holding ml-100k/ml-100k.{inter,item}")
     parser.add_argument("--out", required=True)
     parser.add_argument("--split-only", action="store_true", help="dump counts + test targets, no training")
     args = parser.parse_args()
@@ -42,7 +43,7 @@ def main() -> None:
         "epochs": args.epochs, "train_batch_size": args.batch_size, "eval_batch_size": 4096,
         "stopping_step": args.patience, "seed": args.seed, "reproducibility": True,
         "checkpoint_dir": os.path.join(args.workdir, "saved"), "show_progress": False,
-        "log_wandb": False, "data_path": None,
+        "log_wandb": False, "data_path": args.data_path,
     })
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
