@@ -29,6 +29,7 @@ from slim_ray.prepare import load_prepared, run_prepare  # noqa: E402
 from slim_ray.train import run_evaluate, run_train  # noqa: E402
 
 RECBOLE_PY = ROOT / ".bench-venv-recbole" / "bin" / "python"
+RECBOLE_DATASET = "ml-100k-ranked"
 METRICS = ("ndcg@10", "hit@10", "ndcg@20", "hit@20", "mrr@10")
 
 
@@ -37,24 +38,25 @@ def recbole_input(workdir: Path) -> Path:
 
     RecBole's ml-100k config min-max normalises timestamps and stores them as float32, which ties
     interactions seconds apart and reorders them by file position (4 users' test items change).
-    Ranks survive that exactly, so RecBole sees the true chronological order, as slim-ray does.
+    Ranks are exact in float32, so RecBole sees the true chronological order, as slim-ray does.
+    The copy has its own dataset name: RecBole reads its packaged copy whenever it is "ml-100k".
     """
     source = packaged_ml100k_dir()
-    target = workdir / "recbole_data" / "ml-100k"
+    target = workdir / "recbole_data" / RECBOLE_DATASET
     target.mkdir(parents=True, exist_ok=True)
     header, *rows = (source / "ml-100k.inter").read_text().splitlines()
     fields = [row.split("\t") for row in rows if row]
     order = sorted(range(len(fields)), key=lambda i: int(float(fields[i][3])))  # stable
     rank = {row: position for position, row in enumerate(order)}
     lines = [header] + ["\t".join(f[:3] + [str(rank[i])]) for i, f in enumerate(fields)]
-    (target / "ml-100k.inter").write_text("\n".join(lines) + "\n")
-    shutil.copy(source / "ml-100k.item", target / "ml-100k.item")
+    (target / f"{RECBOLE_DATASET}.inter").write_text("\n".join(lines) + "\n")
+    shutil.copy(source / "ml-100k.item", target / f"{RECBOLE_DATASET}.item")
     return target.parent
 
 
 def run_recbole(workdir: Path, out: Path, *args: str) -> dict:
     cmd = [str(RECBOLE_PY), str(ROOT / "bench" / "recbole_runner.py"), *args, "--workdir", str(workdir),
-           "--data-path", str(recbole_input(workdir)), "--out", str(out)]
+           "--data-path", str(recbole_input(workdir)), "--dataset", RECBOLE_DATASET, "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=workdir, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 

@@ -25,7 +25,8 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--data-path", default=None, help="folder holding ml-100k/ml-100k.{inter,item}")
+    parser.add_argument("--data-path", default=None, help="folder holding DATASET/DATASET.{inter,item}")
+    parser.add_argument("--dataset", default="ml-100k", help="ml-100k always reads RecBole's packaged copy")
     parser.add_argument("--out", required=True)
     parser.add_argument("--split-only", action="store_true", help="dump counts + test targets, no training")
     args = parser.parse_args()
@@ -36,7 +37,8 @@ def main() -> None:
     from recbole.utils import get_model, get_trainer, init_seed
 
     torch.set_num_threads(args.threads)
-    config = Config(model=args.model, dataset="ml-100k", config_dict={
+    config = Config(model=args.model, dataset=args.dataset, config_dict={
+        "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
         "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
         "MAX_ITEM_LIST_LENGTH": args.max_len, "loss_type": "CE", "train_neg_sample_args": None,
         "valid_metric": "NDCG@10", "metrics": ["Hit", "NDCG", "MRR"], "topk": [5, 10, 20],
