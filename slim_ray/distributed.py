@@ -45,9 +45,12 @@ class Engine:
     """A model ready to train under DDP (via Ray) or DeepSpeed, with one step/save/load API."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: str,
-                 zero_stage: int, micro_batch: int, use_gpu: bool, bf16: bool = False):
+                 zero_stage: int, micro_batch: int, use_gpu: bool, bf16: bool = False,
+                 frozen_base: bool = False):
         import ray.train.torch
 
+        # frozen_base (LoRA): checkpoints skip the frozen weights (~540 MB each for SmolLM2).
+        self.frozen_base = frozen_base
         self.deep, self.stage3 = strategy == "deepspeed", strategy == "deepspeed" and zero_stage == 3
         if self.deep:
             import deepspeed
@@ -86,13 +89,14 @@ class Engine:
     def save(self, folder: Path) -> None:
         """Optimizer (and DeepSpeed) state; the model weights are the loop's own files."""
         if self.deep:
-            self.engine.save_checkpoint(str(folder), tag="ds")  # every rank writes its partition
+            self.engine.save_checkpoint(str(folder), tag="ds",  # every rank writes its partition
+                                        exclude_frozen_parameters=self.frozen_base)
         else:
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
 
     def load(self, folder: Path, load_weights: Callable[[Path], None]) -> None:
         if self.deep:
-            self.engine.load_checkpoint(str(folder), tag="ds")
+            self.engine.load_checkpoint(str(folder), tag="ds", load_module_strict=not self.frozen_base)
         else:
             load_weights(folder)
             self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt"))

@@ -1,0 +1,102 @@
+"""Distillation with a tiny randomly initialised Llama (SmolLM2's real tokenizer) on Ray Train."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from slim_ray.config import load_config
+from slim_ray.distill import IGNORE, collate, run_distill, split_users, tokenize_pairs, training_target
+from slim_ray.prompts import TitleIndex, student_messages
+from slim_ray.rationale_quality import score_rationales
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from slim_ray.student import smollm2_gguf
+
+    folder, gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny_student")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path), tokenizer
+
+
+def teacher_rows(n_users: int) -> pd.DataFrame:
+    rows = []
+    for user in range(1, n_users + 1):
+        history = [{"title": f"Film{(user + t) % 9}", "categories": ["Drama"], "year": "1990"} for t in range(3)]
+        steps = ["The user likes dramas.", "Drama", f"Film{(user + 3) % 9}"]
+        rows.append({"user_id": user, "student_messages": json.dumps(student_messages(history, "movies")),
+                     "rationale": "\n".join(f"Step {i}: {s}" for i, s in enumerate(steps, 1)), "steps": steps,
+                     "parsed": user % 7 != 0, "history_ids": [1, 2, 3], "next_item_id": 4})
+    return pd.DataFrame(rows)
+
+
+def test_tokenize_masks_the_prompt(tiny_student):
+    _, tokenizer = tiny_student
+    rows = teacher_rows(2)
+    encoded = tokenize_pairs(tokenizer, rows["student_messages"].tolist(), rows["rationale"].tolist(), 512, 16)
+    ids, labels = encoded["input_ids"][0], encoded["labels"][0]
+    assert len(ids) == len(labels)
+    answer = labels[labels != IGNORE]
+    assert len(answer) == 17 and answer[-1] == tokenizer.eos_token_id  # 16 rationale tokens + EOS
+    assert tokenizer.decode(ids[: (labels == IGNORE).sum()]).rstrip().endswith("assistant")
+    batch = collate({"input_ids": encoded["input_ids"], "labels": encoded["labels"]}, pad_id=0)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["attention_mask"].sum() == sum(len(x) for x in encoded["input_ids"])
+
+
+def test_split_users_and_targets():
+    rows = teacher_rows(20)
+    train, valid = split_users(rows, 0.25, seed=0, only_parsed=True)
+    assert set(train["user_id"]).isdisjoint(valid["user_id"]) and valid["user_id"].nunique() == 5
+    assert train["parsed"].all() and (~valid["parsed"]).sum() + valid["parsed"].sum() == len(valid)
+    row = {"parsed": True, "steps": ["a", "b", "c"], "rationale": "Sure! Step 1: a ..."}
+    assert training_target(row) == "Step 1: a\nStep 2: b\nStep 3: c"
+    assert training_target({**row, "parsed": False}) == "Sure! Step 1: a ..."
+
+
+def test_score_rationales_hand_computed():
+    index = TitleIndex.from_items([1, 2, 3], ["Heat", "Toy Story", "Casino"])
+    texts = ["Step 1: x\nStep 2: Crime, Drama\nStep 3: Heat, Toy Story", "garbage", "Step 1: x\nStep 2: Comedy\nStep 3: Casino"]
+    report = score_rationales(texts, [[2], [], [3]], [["Crime"], ["Drama"], ["Drama"]], index, ["Crime", "Drama", "Comedy"])
+    assert report["format_valid"] == pytest.approx(2 / 3)
+    assert report["category_hit"] == pytest.approx(1 / 3)
+    assert report["grounding"] == pytest.approx(1 / 3)  # 3 named: Heat ok, Toy Story and Casino seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_worker_zero_distillation_and_resume(tiny_student, tmp_path, stage):
+    base, _ = tiny_student
+    teacher = tmp_path / "teacher.parquet"
+    teacher_rows(24).to_parquet(teacher)
+    cfg = load_config(None, [f"run.output_dir={tmp_path / 'run'}", f"distill.base_model={base}",
+                             f"distill.rationales={teacher}", "distill.num_workers=2", "distill.cpus_per_worker=1",
+                             "distill.strategy=deepspeed", f"distill.zero_stage={stage}", "distill.epochs=2",
+                             "distill.batch_size=4", "distill.lr=0.005", "ray.object_store_memory_mb=100"])
+    meta = run_distill(cfg)
+    assert [h["epoch"] for h in meta["history"]] == [1, 2]
+    assert meta["history"][1]["train_loss"] < meta["history"][0]["train_loss"]
+    student = cfg.run.output_dir / "student"
+    assert (student / "adapter" / "adapter_model.safetensors").is_file()
+    assert (student / "merged" / "config.json").is_file() and len(meta["heldout_users"]) == 4
+    if stage == 2:
+        longer = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"epochs": 3})})
+        resumed = run_distill(longer, resume=True)
+        assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+        assert resumed["history"][:2] == meta["history"]
+        from transformers import AutoModelForCausalLM
+
+        merged = AutoModelForCausalLM.from_pretrained(student / "merged")
+        assert not np.isnan(merged.model.layers[0].self_attn.q_proj.weight.detach().numpy()).any()
