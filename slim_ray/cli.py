@@ -228,6 +228,62 @@ def teacher_server(
 
 
 @app.command()
+def distill(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    rationales: Optional[Path] = typer.Option(None, help="Teacher rationales: Parquet file or teacher "
+                                              "folder (distill.rationales; default RUN_DIR/teacher)."),
+    base_model: Optional[str] = typer.Option(None, help="Student base: smollm2-135m, an HF folder or a "
+                                             "hub id (distill.base_model)."),
+    strategy: Optional[str] = typer.Option(None, help="deepspeed | ddp (distill.strategy)."),
+    zero_stage: Optional[int] = typer.Option(None, help="ZeRO stage 1-3 (distill.zero_stage)."),
+    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers (distill.num_workers)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (distill.epochs)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint."),
+) -> None:
+    """LoRA-distil the student on (simplified prompt -> teacher rationale) with Ray Train + DeepSpeed."""
+    from slim_ray.distill import run_distill
+
+    def action() -> None:
+        cfg = _config(config, overrides, **{
+            "distill.rationales": rationales, "distill.base_model": base_model, "distill.strategy": strategy,
+            "distill.zero_stage": zero_stage, "distill.num_workers": num_workers, "distill.epochs": epochs})
+        print_distill(run_distill(cfg, resume=resume))
+        console.print(f"student (adapter + merged model) in [bold]{cfg.run.output_dir / 'student'}[/]")
+
+    _guard(action)
+
+
+def print_distill(meta: dict) -> None:
+    table = Table(title=f"Distillation ({meta['train_rows']} rationales, {meta['train_users']} users)")
+    for column in ("epoch", "train loss", "valid loss", "epoch s"):
+        table.add_column(column, justify="right")
+    for h in meta["history"]:
+        table.add_row(str(h["epoch"]), f"{h['train_loss']:.4f}", f"{h['valid_loss']:.4f}", f"{h['epoch_s']:.0f}")
+    console.print(table)
+    console.print(f"best epoch {meta['best_epoch']} (valid loss {meta['valid_loss']:.4f})")
+
+
+def print_quality(report: dict) -> None:
+    table = Table(title=f"Rationale quality on {report['teacher']['users']} held-out users")
+    table.add_column("")
+    for column in ("format valid", "category hit", "grounding"):
+        table.add_column(column, justify="right")
+    for name in ("teacher", "untuned", "tuned"):
+        r = report[name]
+        table.add_row(name, f"{r['format_valid']:.3f}", f"{r['category_hit']:.3f}", f"{r['grounding']:.3f}")
+    console.print(table)
+
+
+@app.command("evaluate-rationales")
+def evaluate_rationales(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+    """Teacher vs untuned vs tuned student on held-out users: format, step-2 category hit, grounding."""
+    from slim_ray.rationale_quality import run_evaluate_rationales
+
+    _guard(lambda: print_quality(run_evaluate_rationales(_config(config, overrides))))
+
+
+@app.command()
 def pipeline(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Run every stage end to end on one config (the README's run command)."""
     from slim_ray.pipeline import run_pipeline
@@ -240,6 +296,10 @@ def pipeline(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] 
             print_eval(result)
         elif stage == "teach":
             print_ledger(result)
+        elif stage == "distill":
+            print_distill(result)
+        elif stage == "evaluate-rationales":
+            print_quality(result)
         elif stage == "train":
             console.print(f"best epoch {result['best_epoch']} of {result['epochs_run']} "
                           f"(valid NDCG@10 {result['valid_ndcg@10']:.4f})")

@@ -11,6 +11,7 @@ vLLM can load), meta.json (loss curves, held-out users).
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -147,7 +148,8 @@ def distill_loop_per_worker(config: dict) -> None:
         valid_loss = float(np.mean(valid_losses)) if valid_losses else float("nan")
         early_stopping(state, valid_loss, higher_is_better=False)
         metrics = {"epoch": epoch, "train_loss": total / max(steps, 1), "valid_loss": valid_loss,
-                   "steps": steps, "epoch_s": time.perf_counter() - start}
+                   "steps": steps, "epoch_s": time.perf_counter() - start,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         state["history"].append(metrics)
         with engine.full_parameters(trainable):
             adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(engine.module).items()}
