@@ -83,7 +83,8 @@ class TeacherConfig(_Section):
     n_recommend: int = Field(5, ge=1, description="Items step 3 asks for.")
     max_tokens: int = Field(256, ge=16)
     temperature: float = Field(0.0, ge=0)
-    timeout_s: float = Field(180.0, gt=0, description="Per request.")
+    timeout_s: float = Field(600.0, gt=0, description="Per request (a CPU teacher needs minutes "
+                             "under load).")
     max_retries: int = Field(5, ge=0)
     backoff_base_s: float = Field(1.0, ge=0)
     backoff_max_s: float = Field(60.0, ge=0)

@@ -40,7 +40,8 @@ def describe_item(item: dict, domain: str) -> str:
     text = display_title(item["title"])
     if item.get("year") and str(item["year"]) not in text:
         text += f" ({item['year']})"
-    aspects = list(item.get("categories") or [])
+    categories = item.get("categories")
+    aspects = [str(c) for c in categories] if categories is not None else []  # list or numpy array
     if domain == "products" and item.get("brand"):
         aspects.append(f"brand: {item['brand']}")
     return f"{text} [{', '.join(aspects)}]" if aspects else text

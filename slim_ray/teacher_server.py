@@ -11,10 +11,12 @@ sha256, and cache the file. llama-cpp-python has no binary wheel on PyPI: it is 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -109,6 +111,14 @@ def server_command(model_path: Path, alias: str, port: int, threads: int, n_ctx:
             "--n_ctx", str(n_ctx), "--verbose", "False"]
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if our process dies without running its cleanup."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 @contextlib.contextmanager
 def local_teacher(alias: str, port: int, threads: int, n_ctx: int, log_path: Path | None = None,
                   start_timeout_s: float = 300) -> Iterator[str]:
@@ -119,7 +129,8 @@ def local_teacher(alias: str, port: int, threads: int, n_ctx: int, log_path: Pat
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(server_command(model, alias, port, threads, n_ctx), stdout=log,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            preexec_fn=_die_with_parent)
     try:
         deadline = time.time() + start_timeout_s
         while not is_up(base_url):
