@@ -98,8 +98,9 @@ def prepare(
 
 def print_eval(report: dict) -> None:
     negatives = report["protocol"]["negatives"]
+    masking = "masks" if report["protocol"]["full_ranking_masks_history"] else "does not mask"
     table = Table(title=f"{report['backbone']} on {report['split']} ({report['users']} users; full ranking "
-                  "masks history items)")
+                  f"{masking} history items)")
     table.add_column("protocol")
     for metric in ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10"):
         table.add_column(metric.upper(), justify="right")
@@ -150,6 +151,8 @@ def evaluate(
     overrides: Optional[List[str]] = SetOpt,
     backbone: Optional[str] = BackboneOpt,
     split: str = typer.Option("test", help="valid | test."),
+    mask_history: bool = typer.Option(True, help="Full ranking excludes the user's history items "
+                                      "(--no-mask-history: RecBole's protocol for sequential models)."),
 ) -> None:
     """Leave-one-out evaluation of a trained backbone: full ranking and sampled negatives."""
     from slim_ray.train import run_evaluate
@@ -158,7 +161,7 @@ def evaluate(
         if split not in ("valid", "test"):
             raise ConfigError(f"--split must be valid or test, got {split!r}")
         cfg = _config(config, overrides, **{"train.backbone": backbone})
-        print_eval(run_evaluate(cfg, split=split))
+        print_eval(run_evaluate(cfg, split=split, mask_history=mask_history))
 
     _guard(action)
 

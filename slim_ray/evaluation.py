@@ -9,7 +9,8 @@ Definitions (rank r is 0-based: the number of candidates scored strictly above t
 with p(i) = share of users whose training history contains i (at least one user, so EFD is finite),
 averaged over users. With one relevant item per user these are Vargas & Castells' rank- and
 relevance-aware novelty metrics, as used in the SLIM paper's popularity-bias table.
-Full ranking masks the padding id and every history item except the target itself.
+Full ranking masks the padding id and every history item except the target itself (mask_history=
+False keeps history items rankable: RecBole's protocol for sequential models, used to compare with it).
 """
 
 from __future__ import annotations
@@ -24,13 +25,18 @@ KS = (5, 10, 20)
 COLD_MAX_TRAIN_INTERACTIONS = 5
 
 
-def full_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-    """scores [B, N], targets [B], history [B, H] (0-padded) -> 0-based ranks [B]."""
+def full_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor,
+               mask_history: bool = True) -> torch.Tensor:
+    """scores [B, N], targets [B], history [B, H] (0-padded) -> 0-based ranks [B].
+
+    mask_history=False is RecBole's protocol for sequential models (seen items stay rankable).
+    """
     scores = scores.clone()
     scores[:, 0] = -torch.inf
-    rows = torch.arange(scores.size(0))[:, None].expand_as(history)
-    keep = history != targets[:, None]
-    scores[rows[keep], history[keep].long()] = -torch.inf
+    if mask_history:
+        rows = torch.arange(scores.size(0))[:, None].expand_as(history)
+        keep = history != targets[:, None]
+        scores[rows[keep], history[keep].long()] = -torch.inf
     target_scores = scores.gather(1, targets.long()[:, None])
     return (scores > target_scores).sum(1)
 
@@ -109,11 +115,11 @@ def split_arrays(sequences: pd.DataFrame, split: str, max_len: int) -> dict[str,
 
 
 @torch.no_grad()
-def score_full(model, arrays: dict, batch_size: int = 512) -> np.ndarray:
+def score_full(model, arrays: dict, batch_size: int = 512, mask_history: bool = True) -> np.ndarray:
     ranks = []
     for start in range(0, len(arrays["target"]), batch_size):
         part = {k: v[start:start + batch_size] for k, v in arrays.items()}
-        ranks.append(full_ranks(model.full_sort_predict(part), part["target"], part["history"]))
+        ranks.append(full_ranks(model.full_sort_predict(part), part["target"], part["history"], mask_history))
     return torch.cat(ranks).numpy()
 
 
@@ -129,12 +135,12 @@ def score_sampled(model, arrays: dict, negatives: np.ndarray, batch_size: int = 
 
 
 def evaluate(model, sequences: pd.DataFrame, n_items: int, max_len: int, split: str = "test",
-             negatives: int = 100, seed: int = 42) -> dict:
+             negatives: int = 100, seed: int = 42, mask_history: bool = True) -> dict:
     """All metrics for one split. `model` follows the SequentialRecommender interface."""
     was_training = model.training
     model.eval()
     arrays = split_arrays(sequences, split, max_len)
-    full = score_full(model, arrays)
+    full = score_full(model, arrays, mask_history=mask_history)
     seen = [set(int(i) for i in s) for s in sequences["item_ids"]]
     sampled = score_sampled(model, arrays, sample_negatives(n_items, seen, negatives, seed))
     counts, share = item_popularity(sequences["train_item_ids"], n_items)
@@ -146,6 +152,6 @@ def evaluate(model, sequences: pd.DataFrame, n_items: int, max_len: int, split: 
         "full": {**rank_metrics(full), **popularity_metrics(full, share[targets])},
         f"sampled{negatives}": rank_metrics(sampled),
         "cold": {"users": int(cold.sum()), **(rank_metrics(full[cold]) if cold.any() else {})},
-        "protocol": {"full_ranking_masks_history": True, "negatives": negatives, "seed": seed,
+        "protocol": {"full_ranking_masks_history": mask_history, "negatives": negatives, "seed": seed,
                      "cold_item_max_train_interactions": COLD_MAX_TRAIN_INTERACTIONS},
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
     if not resume:
         shutil.rmtree(storage / name, ignore_errors=True)
     env = worker_env(tc.use_gpu, tc.cpus_per_worker)
+    start = time.perf_counter()
     with ray_session(cfg.ray, env=env):
         train_ds = ray.data.from_arrow(training_table(sequences, max_len, shuffle_seed=cfg.run.seed))
         trainer = TorchTrainer(
@@ -139,7 +141,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
                 "best_epoch": state["best_epoch"], SELECT_METRIC: state["best"],
                 "epochs_run": state["epoch"], "history": state["history"], "strategy": tc.strategy,
                 "zero_stage": tc.zero_stage if tc.strategy == "deepspeed" else None,
-                "num_workers": tc.num_workers}
+                "num_workers": tc.num_workers, "train_wall_s": time.perf_counter() - start}
 
         def write(tmp: Path) -> None:
             shutil.copy(Path(folder, "model.pt"), tmp / "model.pt")
@@ -162,7 +164,7 @@ def load_trained(model_dir: Path):
     return model.eval(), meta
 
 
-def run_evaluate(cfg: Config, split: str = "test") -> dict:
+def run_evaluate(cfg: Config, split: str = "test", mask_history: bool = True) -> dict:
     """Evaluate the exported model of cfg.train.backbone; writes RUN_DIR/eval/<backbone>.json."""
     from slim_ray.errors import DataError
 
@@ -175,8 +177,9 @@ def run_evaluate(cfg: Config, split: str = "test") -> dict:
         raise DataError(f"{model_dir}: model has {meta['n_items'] - 1} items, dataset has {len(items)}")
     report = {"backbone": meta["backbone"], "best_epoch": meta["best_epoch"],
               **evaluate(model, sequences, meta["n_items"], meta["max_len"], split=split,
-                         negatives=cfg.train.eval_negatives, seed=cfg.run.seed)}
-    out = cfg.run.output_dir / "eval" / f"{meta['backbone']}.json"
+                         negatives=cfg.train.eval_negatives, seed=cfg.run.seed, mask_history=mask_history)}
+    suffix = "" if mask_history else "-unmasked"
+    out = cfg.run.output_dir / "eval" / f"{meta['backbone']}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     return report

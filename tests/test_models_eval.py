@@ -78,6 +78,8 @@ def test_full_ranks_mask_history_but_not_target():
     # item 4 is the target and also in history: it stays; item 2 is masked; item 0 is padding.
     assert full_ranks(scores, torch.tensor([4]), history).tolist() == [1]  # only item 3 above
     assert full_ranks(scores, torch.tensor([5]), history).tolist() == [1]  # 4 is masked now
+    # RecBole's sequential protocol: history items stay rankable (items 2, 3 and 4 beat item 5)
+    assert full_ranks(scores, torch.tensor([5]), history, mask_history=False).tolist() == [3]
     assert sampled_ranks(torch.tensor([[0.5, 0.9, 0.1, 0.7]])).tolist() == [2]
 
 
