@@ -34,6 +34,8 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(2, description="CPUs of the local Ray instance (None: all).")
     object_store_memory_mb: int | None = Field(1024, description="Local object store size.")
     temp_dir: str | None = Field(None, description="Ray session dir of a local instance.")
+    verbose: bool = Field(False, description="Stream Ray worker logs and Ray Data progress bars to "
+                          "the console (errors are raised either way).")
 
 
 class DataConfig(_Section):

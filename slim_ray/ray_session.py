@@ -40,10 +40,13 @@ def ray_session(cfg: RayConfig, env: dict[str, str] | None = None) -> Iterator[d
         yield {"address": ray.get_runtime_context().gcs_address, "started_here": False}
         return
     os.environ.update(WORKER_ENV)
-    runtime_env = {"env_vars": {**WORKER_ENV, **(env or {})}}
+    quiet = {} if cfg.verbose else {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_DEDUP_LOGS": "1"}
+    os.environ.update(quiet)
+    runtime_env = {"env_vars": {**WORKER_ENV, **quiet, **(env or {})}}
+    logging = {"log_to_driver": cfg.verbose, "logging_level": "INFO" if cfg.verbose else "WARNING"}
     address = resolve_address(cfg)
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, **logging)
     else:
         ray.init(
             address="local",
@@ -52,7 +55,11 @@ def ray_session(cfg: RayConfig, env: dict[str, str] | None = None) -> Iterator[d
             include_dashboard=False,
             _temp_dir=cfg.temp_dir,
             runtime_env=runtime_env,
+            **logging,
         )
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.verbose
     try:
         yield {"address": ray.get_runtime_context().gcs_address, "started_here": True,
                "local": address is None}
