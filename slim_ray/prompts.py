@@ -104,12 +104,19 @@ def parse_rationale(text: str) -> ParsedRationale:
 
 
 def split_names(step: str) -> list[str]:
-    """'A (1995), "B", 3. C' -> ['A', 'B', 'C'] (list items of a step)."""
-    parts = re.split(r"[,;\n]|\s\d+[.)]\s", step)
+    """Item names in a step: one per list line when it is a list, else comma-separated.
+
+    'Recommended:\n1. Heat (1995) [Action, Crime]\n2. "Casino"' -> ['Heat', 'Casino'];
+    'Heat, Casino and more' -> ['Heat', 'Casino and more']. Lead-in lines ending in ':' are dropped,
+    and so are bracketed/parenthesised details (years, genres).
+    """
+    lines = [line.strip() for line in step.splitlines() if line.strip() and not line.strip().endswith(":")]
+    listed = [line for line in lines if re.match(r"^(\d+[.)]|[-*•])\s+", line)]
+    parts = listed if len(listed) >= 2 else re.split(r"[,;\n]|\s\d+[.)]\s", "\n".join(lines))
     names = []
     for part in parts:
         part = re.sub(r"^\s*(\d+[.)]|[-*•])\s*", "", part)
-        part = re.sub(r"\s*\(\d{4}\)|\[.*?\]|\*", "", part).strip(" \"'“”.`:")
+        part = re.sub(r"\[[^\]]*\]|\([^)]*\)|\*", "", part).strip(" \"'“”.`:")
         if part and len(part) <= 120:
             names.append(part)
     return names

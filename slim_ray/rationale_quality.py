@@ -47,7 +47,7 @@ def run_evaluate_rationales(cfg: Config) -> dict:
     categories = dict(zip(items["item_id"], items["categories"]))
     vocabulary = aspect_vocabulary(items, limit=10**6)
     index = TitleIndex.from_items(items["item_id"], items["title"])
-    histories = [list(h) for h in rows["history_ids"]]
+    histories = [list(h) for h in rows["seen_ids" if "seen_ids" in rows else "history_ids"]]
     next_categories = [list(categories[int(i)]) for i in rows["next_item_id"]]
     conversations = [json.loads(m) for m in rows["student_messages"]]
 

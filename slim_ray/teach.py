@@ -32,7 +32,8 @@ from slim_ray.prompts import (
 _LIST_INT, _LIST_STR = pa.list_(pa.int32()), pa.list_(pa.string())
 OUTPUT_SCHEMA = pa.schema([
     ("user_id", pa.int32()), ("raw_user_id", pa.string()), ("split", pa.string()),
-    ("history_ids", _LIST_INT), ("candidate_ids", _LIST_INT), ("next_item_id", pa.int32()),
+    ("history_ids", _LIST_INT), ("seen_ids", _LIST_INT), ("candidate_ids", _LIST_INT),
+    ("next_item_id", pa.int32()),
     ("teacher_messages", pa.string()), ("student_messages", pa.string()), ("cache_key", pa.string()),
     ("model", pa.string()), ("prompt_version", pa.string()),
     ("rationale", pa.string()), ("finish_reason", pa.string()), ("steps", _LIST_STR), ("parsed", pa.bool_()),
@@ -85,7 +86,8 @@ def build_requests(items: pd.DataFrame, sequences: pd.DataFrame, tc: TeacherConf
                                    tc.n_recommend, vocabulary)
         rows.append({
             "user_id": user.user_id, "raw_user_id": user.raw_user_id, "split": "train",
-            "history_ids": history, "candidate_ids": cands, "next_item_id": int(user.valid_target),
+            "history_ids": history, "seen_ids": train, "candidate_ids": cands,
+            "next_item_id": int(user.valid_target),
             "teacher_messages": json.dumps(teacher),
             "student_messages": json.dumps(student_messages([by_id[i] for i in history], domain)),
             "cache_key": prompt_hash(teacher, **params), "model": tc.model, "prompt_version": PROMPT_VERSION,
@@ -98,7 +100,7 @@ def annotate(row: dict, index: TitleIndex, vocabulary: list[str]) -> dict:
     if row.get("rationale") is None:
         return {"steps": ["", "", ""], "parsed": False, "flags": ["failed"], "named": 0, "in_catalogue": 0,
                 "in_history": 0, "unknown": 0, "named_item_ids": [], "step2_aspects": []}
-    checked = validate(row["rationale"], index, set(row["history_ids"]))
+    checked = validate(row["rationale"], index, set(row["seen_ids"]))  # the whole known history
     checked["step2_aspects"] = named_aspects(checked["steps"][1], vocabulary) if vocabulary else []
     checked["named_item_ids"] = checked.pop("item_ids")
     return checked

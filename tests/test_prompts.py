@@ -55,6 +55,9 @@ def test_parse_rationale_variants():
 def test_split_names_and_grounding():
     assert split_names('1. "Heat" (1995)\n2. The Usual Suspects\n3. Toy Story [Animation]') == [
         "Heat", "The Usual Suspects", "Toy Story"]
+    assert split_names("Recommended movies from the candidate list:\n- Star Wars (1977) [Action, Sci-Fi]\n"
+                       "- The Usual Suspects (Crime)") == ["Star Wars", "The Usual Suspects"]
+    assert split_names("Heat, Casino; Fargo") == ["Heat", "Casino", "Fargo"]
     index = TitleIndex.from_items([1, 2, 3], ["Usual Suspects, The", "Toy Story", "Heat"])
     assert index.lookup("the usual suspects") == 1 and index.lookup("Toy Storry") == 2
     assert index.lookup("Titanic") is None
