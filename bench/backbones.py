@@ -112,7 +112,7 @@ def main() -> None:
         cfg = base.model_copy(update={"train": base.train.model_copy(update={"backbone": model})})
         meta_path = cfg.model_dir() / "meta.json"
         previous = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        if args.reuse_ours and previous.get("epochs_run") == args.epochs:
+        if args.reuse_ours and len(previous.get("history", [])) == args.epochs:
             meta, ours_s = previous, previous.get("train_wall_s")
         else:
             meta = run_train(cfg)
