@@ -31,14 +31,19 @@ def full_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tenso
 
     mask_history=False is RecBole's protocol for sequential models (seen items stay rankable).
     """
-    scores = scores.clone()
-    scores[:, 0] = -torch.inf
-    if mask_history:
-        rows = torch.arange(scores.size(0))[:, None].expand_as(history)
-        keep = history != targets[:, None]
-        scores[rows[keep], history[keep].long()] = -torch.inf
+    scores = mask_seen(scores.clone(), history if mask_history else None, keep=targets)
     target_scores = scores.gather(1, targets.long()[:, None])
     return (scores > target_scores).sum(1)
+
+
+def mask_seen(scores: torch.Tensor, history: torch.Tensor | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: padding id 0 and every history item (0-padded [B, H]) get -inf, except `keep` [B]."""
+    scores[:, 0] = -torch.inf
+    if history is not None:
+        rows = torch.arange(scores.size(0))[:, None].expand_as(history)
+        hide = history != keep[:, None] if keep is not None else torch.ones_like(history, dtype=torch.bool)
+        scores[rows[hide], history[hide].long()] = -torch.inf
+    return scores
 
 
 def sampled_ranks(candidate_scores: torch.Tensor) -> torch.Tensor:

@@ -166,7 +166,7 @@ def backbone_preferences(cfg: Config, sequences: pd.DataFrame, k: int = 10) -> d
     """Top-k unseen items of the trained backbone per user (training prefix), if one exists."""
     import torch
 
-    from slim_ray.evaluation import split_arrays
+    from slim_ray.evaluation import mask_seen, split_arrays
     from slim_ray.train import load_trained
 
     if not (cfg.model_dir() / "model.pt").is_file():
@@ -175,10 +175,7 @@ def backbone_preferences(cfg: Config, sequences: pd.DataFrame, k: int = 10) -> d
     arrays = split_arrays(sequences, "valid", meta["max_len"])  # input = training prefix
     with torch.no_grad():
         scores = model.full_sort_predict(arrays)
-    scores[:, 0] = -torch.inf
-    rows = torch.arange(len(scores))[:, None].expand_as(arrays["history"])
-    scores[rows, arrays["history"]] = -torch.inf
-    top = scores.topk(k, dim=1).indices.tolist()
+    top = mask_seen(scores, arrays["history"]).topk(k, dim=1).indices.tolist()
     return dict(zip(sequences["user_id"].tolist(), top))
 
 
