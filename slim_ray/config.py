@@ -62,6 +62,8 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(5, ge=1, description="Epochs without a better validation NDCG@10 "
                           "before stopping; the best validation epoch is the model kept.")
+    select_masks_history: bool = Field(True, description="Validation NDCG@10 (selection and early "
+                                       "stopping) masks history items; false = RecBole's unmasked protocol.")
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: int = Field(2, ge=1, le=3, description="DeepSpeed ZeRO stage (strategy=deepspeed).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")

@@ -90,7 +90,8 @@ def train_loop_per_worker(config: dict) -> None:
         # re-partition parameters between the sub-module calls of the scoring code.
         scorer.load_state_dict(weights)
         valid = evaluate(scorer, config["sequences"], config["n_items"], config["max_len"],
-                         split="valid", negatives=tc.eval_negatives, seed=config["seed"])
+                         split="valid", negatives=tc.eval_negatives, seed=config["seed"],
+                         mask_history=tc.select_masks_history)
         state["epoch"] = epoch
         early_stopping(state, valid["full"]["ndcg@10"])
         metrics = {"epoch": epoch, "train_loss": total / max(steps, 1), SELECT_METRIC: valid["full"]["ndcg@10"],
@@ -135,11 +136,14 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
         )
         result = trainer.fit()
     best, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SELECT_METRIC])
+    with result.checkpoint.as_directory() as folder:  # the last epoch's state has the whole history
+        last = json.loads(Path(folder, "state.json").read_text())
     with best.as_directory() as folder:
         state = json.loads(Path(folder, "state.json").read_text())
         meta = {"backbone": tc.backbone, "model": tc.model, "n_items": n_items, "max_len": max_len,
                 "best_epoch": state["best_epoch"], SELECT_METRIC: state["best"],
-                "epochs_run": state["epoch"], "history": state["history"], "strategy": tc.strategy,
+                "select_masks_history": tc.select_masks_history,
+                "epochs_run": last["epoch"], "history": last["history"], "strategy": tc.strategy,
                 "zero_stage": tc.zero_stage if tc.strategy == "deepspeed" else None,
                 "num_workers": tc.num_workers, "train_wall_s": time.perf_counter() - start}
 
