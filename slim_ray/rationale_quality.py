@@ -60,7 +60,7 @@ def run_evaluate_rationales(cfg: Config) -> dict:
     for name, path in (("untuned", meta["base_path"]), ("tuned", str(student_dir / "merged"))):
         start = time.perf_counter()
         texts, tokens = HFGenerator(path, threads=threads).generate(conversations, cfg.distill.max_new_tokens)
-        report[name] = {**score(texts), "tokens_per_s": tokens / (time.perf_counter() - start)}
+        report[name] = {**score(texts), "tokens_per_s": sum(tokens) / (time.perf_counter() - start)}
         samples[name] = texts[:3]
     report["samples"] = {"teacher": rows["rationale"].tolist()[:3], **samples}
     out = student_dir / "rationale_quality.json"

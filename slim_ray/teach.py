@@ -75,12 +75,13 @@ def build_requests(items: pd.DataFrame, sequences: pd.DataFrame, tc: TeacherConf
     counts, _ = item_popularity(sequences["train_item_ids"], len(items) + 1)
     popular = np.argsort(-counts, kind="stable")
     vocabulary = aspect_vocabulary(items)
-    rng = np.random.default_rng(seed)
     params = {"model": tc.model, "max_tokens": tc.max_tokens, "temperature": tc.temperature}
     rows = []
     for user in sample.itertuples():
         train = [int(i) for i in user.train_item_ids]
         history = train[-tc.history_len:]
+        # Seeded per user, so a user's prompt (and cache key) is the same whatever else is sampled.
+        rng = np.random.default_rng([seed, int(user.user_id)])
         cands = candidate_ids(set(train), popular, tc.n_candidates, rng, (preferred or {}).get(user.user_id, []))
         teacher = teacher_messages([by_id[i] for i in history], [by_id[i] for i in cands], domain,
                                    tc.n_recommend, vocabulary)

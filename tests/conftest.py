@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,3 +80,35 @@ def amazon2023_files(tmp_path: Path) -> tuple[Path, Path]:
         {"parent_asin": i, "title": t, "main_category": "Toys", "categories": ["Toys"] + c,
          "store": b, "details": {}}) for i, (t, c, b) in ITEMS.items()])
     return reviews, meta
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from slim_ray.student import smollm2_gguf
+
+    folder, gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny_student")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path), tokenizer
+
+
+@pytest.fixture(scope="session")
+def ring_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teach")
+    rng = np.random.default_rng(1)
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for user in range(40):
+        start = rng.integers(1, 30)
+        lines += [f"u{user}\t{(start + t) % 30 + 1}\t5\t{t}" for t in range(6)]
+    (root / "r.inter").write_text("\n".join(lines) + "\n")
+    items = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
+    items += [f"{i}\tFilm{i}\t1990\t{'Drama' if i % 2 else 'Comedy'}" for i in range(1, 31)]
+    (root / "r.item").write_text("\n".join(items) + "\n")
+    return root

