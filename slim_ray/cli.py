@@ -116,6 +116,10 @@ def print_eval(report: dict) -> None:
 
 
 BackboneOpt = typer.Option(None, help="SASRec | GRU4Rec | SRGNN (train.backbone).")
+FusionOpt = typer.Option(None, help="none | text | slim | text_match (train.fusion; all but none "
+                         "need `slim-ray backfill` first).")
+RationaleOpt = typer.Option(None, help="all | step1 | step2 | step3: rationale vector used by fusion "
+                            "(train.rationale).")
 
 
 @app.command()
@@ -123,6 +127,8 @@ def train(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
     backbone: Optional[str] = BackboneOpt,
+    fusion: Optional[str] = FusionOpt,
+    rationale: Optional[str] = RationaleOpt,
     strategy: Optional[str] = typer.Option(None, help="ddp | deepspeed (train.strategy)."),
     zero_stage: Optional[int] = typer.Option(None, help="DeepSpeed ZeRO stage 1-3 (train.zero_stage)."),
     num_workers: Optional[int] = typer.Option(None, help="Ray Train workers (train.num_workers)."),
@@ -135,7 +141,8 @@ def train(
 
     def action() -> None:
         cfg = _config(config, overrides, **{
-            "train.backbone": backbone, "train.strategy": strategy, "train.zero_stage": zero_stage,
+            "train.backbone": backbone, "train.fusion": fusion, "train.rationale": rationale,
+            "train.strategy": strategy, "train.zero_stage": zero_stage,
             "train.num_workers": num_workers, "train.epochs": epochs})
         meta = run_train(cfg, resume=resume)
         console.print(f"best epoch {meta['best_epoch']} (valid NDCG@10 {meta['valid_ndcg@10']:.4f}); "
@@ -150,6 +157,8 @@ def evaluate(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
     backbone: Optional[str] = BackboneOpt,
+    fusion: Optional[str] = FusionOpt,
+    rationale: Optional[str] = RationaleOpt,
     split: str = typer.Option("test", help="valid | test."),
     mask_history: bool = typer.Option(True, help="Full ranking excludes the user's history items "
                                       "(--no-mask-history: RecBole's protocol for sequential models)."),
@@ -160,7 +169,8 @@ def evaluate(
     def action() -> None:
         if split not in ("valid", "test"):
             raise ConfigError(f"--split must be valid or test, got {split!r}")
-        cfg = _config(config, overrides, **{"train.backbone": backbone})
+        cfg = _config(config, overrides, **{"train.backbone": backbone, "train.fusion": fusion,
+                                            "train.rationale": rationale})
         print_eval(run_evaluate(cfg, split=split, mask_history=mask_history))
 
     _guard(action)

@@ -62,6 +62,11 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(5, ge=1, description="Epochs without a better validation NDCG@10 "
                           "before stopping; the best validation epoch is the model kept.")
+    fusion: Literal["none", "text", "slim", "text_match"] = Field(
+        "none", description="none = the backbone; text = item texts fused (ID-based); slim = item texts + "
+        "the student's rationale per user (ID-based SLIM); text_match = ID-agnostic text matching.")
+    rationale: Literal["all", "step1", "step2", "step3"] = Field(
+        "all", description="Which rationale vector fusion uses (the paper's step ablation).")
     select_masks_history: bool = Field(True, description="Validation NDCG@10 (selection and early "
                                        "stopping) masks history items; false = RecBole's unmasked protocol.")
     strategy: Literal["ddp", "deepspeed"] = "ddp"
@@ -167,8 +172,17 @@ class Config(_Section):
     def prepared_dir(self) -> Path:
         return self.run.output_dir / "prepared"
 
-    def model_dir(self, backbone: str | None = None) -> Path:
-        return self.run.output_dir / "models" / (backbone or self.train.backbone)
+    @property
+    def model_name(self) -> str:
+        """SASRec, SASRec-slim, SASRec-slim-step2, ...: one folder per trained variant."""
+        tc = self.train
+        name = tc.backbone if tc.fusion == "none" else f"{tc.backbone}-{tc.fusion}"
+        if tc.fusion in ("slim", "text_match") and tc.rationale != "all":
+            name += f"-{tc.rationale}"
+        return name
+
+    def model_dir(self, name: str | None = None) -> Path:
+        return self.run.output_dir / "models" / (name or self.model_name)
 
 
 def cache_root() -> Path:

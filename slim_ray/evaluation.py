@@ -100,8 +100,10 @@ def item_popularity(train_sequences: pd.Series, n_items: int) -> tuple[np.ndarra
     return counts, share
 
 
-def split_arrays(sequences: pd.DataFrame, split: str, max_len: int) -> dict[str, torch.Tensor]:
-    """Model inputs, targets and full histories (for masking) of the valid or test split."""
+def split_arrays(sequences: pd.DataFrame, split: str, max_len: int,
+                 user_text: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Model inputs, targets and full histories (for masking) of the valid or test split;
+    user_text [n_users + 1, T] (rationale vectors by user id) adds each row's `user_text`."""
     if split not in ("valid", "test"):
         raise ValueError(f"split must be valid or test, got {split!r}")
     drop = 2 if split == "valid" else 1
@@ -114,9 +116,12 @@ def split_arrays(sequences: pd.DataFrame, split: str, max_len: int) -> dict[str,
     history = torch.zeros(len(full_history), width, dtype=torch.long)
     for row, h in enumerate(full_history):
         history[row, : len(h)] = torch.as_tensor(h)
-    return {"item_seq": item_seq, "item_seq_len": torch.tensor([len(h) for h in inputs]),
-            "target": torch.tensor(sequences[f"{split}_target"].to_numpy(), dtype=torch.long),
-            "history": history}
+    arrays = {"item_seq": item_seq, "item_seq_len": torch.tensor([len(h) for h in inputs]),
+              "target": torch.tensor(sequences[f"{split}_target"].to_numpy(), dtype=torch.long),
+              "history": history}
+    if user_text is not None:
+        arrays["user_text"] = torch.from_numpy(np.asarray(user_text)[sequences["user_id"].to_numpy()])
+    return arrays
 
 
 @torch.no_grad()
@@ -140,11 +145,12 @@ def score_sampled(model, arrays: dict, negatives: np.ndarray, batch_size: int = 
 
 
 def evaluate(model, sequences: pd.DataFrame, n_items: int, max_len: int, split: str = "test",
-             negatives: int = 100, seed: int = 42, mask_history: bool = True) -> dict:
+             negatives: int = 100, seed: int = 42, mask_history: bool = True,
+             user_text: np.ndarray | None = None) -> dict:
     """All metrics for one split. `model` follows the SequentialRecommender interface."""
     was_training = model.training
     model.eval()
-    arrays = split_arrays(sequences, split, max_len)
+    arrays = split_arrays(sequences, split, max_len, user_text)
     full = score_full(model, arrays, mask_history=mask_history)
     seen = [set(int(i) for i in s) for s in sequences["item_ids"]]
     sampled = score_sampled(model, arrays, sample_negatives(n_items, seen, negatives, seed))

@@ -1,9 +1,10 @@
 """Sequential backbones behind one interface (RecBole's): calculate_loss / predict / full_sort_predict.
 
 Architectures, defaults and initialisation follow RecBole 1.2.1 so that results compare 1:1.
-Every model splits into two pieces that SLIM fusion (slim_ray.fusion) replaces or extends:
+Every model splits into pieces that SLIM fusion (slim_ray.fusion) replaces or extends:
   item_vectors()                -> [n_items, d]  representation z_i of every item (row 0 = padding)
-  seq_vectors(item_seq, lens)   -> [B, d]        representation s_u of each history
+  seq_vectors(item_seq, lens)   -> [B, d]        representation s_u^seq of each history
+  user_vectors(batch)           -> [B, d]        s_u used for scoring (= seq_vectors for a backbone)
 Scores are dot products s_u . z_i; training is cross-entropy over all items.
 
 Batches are dicts of tensors: item_seq [B, L] (right-padded with 0), item_seq_len [B], pos_item [B];
@@ -38,22 +39,25 @@ class SequentialRecommender(nn.Module):
     def seq_vectors(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def user_vectors(self, batch: dict) -> torch.Tensor:
+        """s_u of each row of a batch (fusion adds the batch's rationale vectors here)."""
+        return self.seq_vectors(batch["item_seq"], batch["item_seq_len"])
+
     def forward(self, batch: dict) -> torch.Tensor:
         # The loss is the module's forward so that DeepSpeed ZeRO-3 gathers parameters around it.
         return self.calculate_loss(batch)
 
     def calculate_loss(self, batch: dict) -> torch.Tensor:
-        seq = self.seq_vectors(batch["item_seq"], batch["item_seq_len"])
-        logits = seq @ self.item_vectors().t()
+        logits = self.user_vectors(batch) @ self.item_vectors().t()
         return F.cross_entropy(logits, batch["pos_item"].long())
 
     def full_sort_predict(self, batch: dict) -> torch.Tensor:
         """Scores of every item id (column 0 is padding), [B, n_items]."""
-        return self.seq_vectors(batch["item_seq"], batch["item_seq_len"]) @ self.item_vectors().t()
+        return self.user_vectors(batch) @ self.item_vectors().t()
 
     def predict(self, batch: dict) -> torch.Tensor:
         """Scores of the given candidates [B, C]."""
-        seq = self.seq_vectors(batch["item_seq"], batch["item_seq_len"])
+        seq = self.user_vectors(batch)
         items = self.item_vectors()[batch["candidates"].long()]  # [B, C, d]
         return torch.einsum("bd,bcd->bc", seq, items)
 

@@ -21,7 +21,7 @@ import torch
 from slim_ray.config import Config, TrainConfig
 from slim_ray.distributed import Engine, early_stopping, report_epoch, restore_state, worker_env
 from slim_ray.evaluation import evaluate
-from slim_ray.models import build_backbone
+from slim_ray.fusion import build_model, item_text_matrix, rationale_vectors, uses_rationale
 from slim_ray.prepare import load_prepared, write_atomic_dir
 
 SELECT_METRIC = "valid_ndcg@10"
@@ -35,10 +35,11 @@ def training_table(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | No
     """
     from ray.data.extensions import ArrowTensorArray
 
-    seqs, lens, targets = [], [], []
-    for train in sequences["train_item_ids"]:
+    seqs, lens, targets, users = [], [], [], []
+    for user, train in zip(sequences["user_id"], sequences["train_item_ids"]):
         train = np.asarray(train, dtype=np.int32)
         for t in range(1, len(train)):
+            users.append(user)
             history = train[max(0, t - max_len):t]
             row = np.zeros(max_len, dtype=np.int32)
             row[: len(history)] = history
@@ -49,7 +50,8 @@ def training_table(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | No
              else np.arange(len(seqs)))
     return pa.table({"item_seq": ArrowTensorArray.from_numpy(np.stack(seqs)[order]),
                      "item_seq_len": np.asarray(lens, dtype=np.int32)[order],
-                     "pos_item": np.asarray(targets, dtype=np.int32)[order]})
+                     "pos_item": np.asarray(targets, dtype=np.int32)[order],
+                     "user_id": np.asarray(users, dtype=np.int32)[order]})
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -61,12 +63,14 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(tc.cpus_per_worker)
     torch.manual_seed(config["seed"])  # identical init on every rank
-    build = lambda: build_backbone(tc.backbone, config["n_items"], config["max_len"], **tc.model)  # noqa: E731
+    item_text, user_text = config["item_text"], config["user_text"]  # None without fusion
+    build = lambda: build_model(tc.fusion, tc.backbone, config["n_items"], config["max_len"], tc.model,  # noqa: E731
+                                None if item_text is None else torch.from_numpy(item_text))
     model, scorer = build(), build()
     micro_batch = max(1, tc.batch_size // world)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     engine = Engine(model, optimizer, tc.strategy, tc.zero_stage, micro_batch, tc.use_gpu)
-    if engine.stage3:  # the item table is read outside its Embedding.forward (logits, scoring)
+    if engine.stage3 and hasattr(engine.module, "item_embedding"):  # read outside Embedding.forward
         import deepspeed
 
         deepspeed.zero.register_external_parameter(engine.module, engine.module.item_embedding.weight)
@@ -81,6 +85,8 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in shard.iter_torch_batches(
                 batch_size=micro_batch, local_shuffle_buffer_size=tc.shuffle_buffer or None,
                 local_shuffle_seed=config["seed"] + epoch, device=engine.device):
+            if user_text is not None:  # the rationale vector of each row's user (training prefix)
+                batch["user_text"] = torch.from_numpy(user_text["train"][batch["user_id"].cpu().numpy()]).to(engine.device)
             loss = engine(batch)
             engine.step(loss)
             total, steps = total + loss.item(), steps + 1
@@ -91,7 +97,8 @@ def train_loop_per_worker(config: dict) -> None:
         scorer.load_state_dict(weights)
         valid = evaluate(scorer, config["sequences"], config["n_items"], config["max_len"],
                          split="valid", negatives=tc.eval_negatives, seed=config["seed"],
-                         mask_history=tc.select_masks_history)
+                         mask_history=tc.select_masks_history,
+                         user_text=None if user_text is None else user_text["valid"])
         state["epoch"] = epoch
         early_stopping(state, valid["full"]["ndcg@10"])
         metrics = {"epoch": epoch, "train_loss": total / max(steps, 1), SELECT_METRIC: valid["full"]["ndcg@10"],
@@ -114,7 +121,8 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
     items, sequences, _ = load_prepared(cfg.prepared_dir)
     n_items, max_len = len(items) + 1, cfg.data.max_len
     storage = (cfg.run.output_dir / "ray_train").resolve()
-    name = f"train-{tc.backbone}"
+    name = f"train-{cfg.model_name}"
+    item_text, user_text = fusion_vectors(cfg, len(items) + 1, len(sequences) + 1)
     if not resume:
         shutil.rmtree(storage / name, ignore_errors=True)
     env = worker_env(tc.use_gpu, tc.cpus_per_worker)
@@ -124,7 +132,8 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"train": tc.model_dump(), "seed": cfg.run.seed, "n_items": n_items,
-                               "max_len": max_len, "sequences": sequences},
+                               "max_len": max_len, "sequences": sequences, "item_text": item_text,
+                               "user_text": user_text},
             torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                          resources_per_worker={"CPU": tc.cpus_per_worker}),
@@ -136,11 +145,13 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
         )
         result = trainer.fit()
     best, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SELECT_METRIC])
-    with result.checkpoint.as_directory() as folder:  # the last epoch's state has the whole history
+    # The latest checkpoint's history covers every epoch run, including those after the best one.
+    with result.checkpoint.as_directory() as folder:
         last = json.loads(Path(folder, "state.json").read_text())
     with best.as_directory() as folder:
         state = json.loads(Path(folder, "state.json").read_text())
-        meta = {"backbone": tc.backbone, "model": tc.model, "n_items": n_items, "max_len": max_len,
+        meta = {"backbone": tc.backbone, "fusion": tc.fusion, "rationale": tc.rationale, "name": cfg.model_name,
+                "model": tc.model, "n_items": n_items, "max_len": max_len,
                 "best_epoch": state["best_epoch"], SELECT_METRIC: state["best"],
                 "select_masks_history": tc.select_masks_history,
                 "epochs_run": last["epoch"], "history": last["history"], "strategy": tc.strategy,
@@ -152,19 +163,27 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
         write_atomic_dir(cfg.model_dir(), write)
-    # The latest checkpoint's history covers every epoch run, including those after the best one.
-    latest = result.checkpoint
-    if latest is not None:
-        with latest.as_directory() as folder:
-            meta["history"] = json.loads(Path(folder, "state.json").read_text())["history"]
-            Path(cfg.model_dir(), "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def fusion_vectors(cfg: Config, n_items: int, n_users: int) -> tuple[np.ndarray | None, dict | None]:
+    """Item text matrix and per-split rationale matrices from the backfill, as the variant needs."""
+    if cfg.train.fusion == "none":
+        return None, None
+    from slim_ray.backfill import load_backfill
+
+    rows, items = load_backfill(cfg)
+    item_text = item_text_matrix(items, n_items).numpy()
+    return item_text, (rationale_vectors(rows, n_users, cfg.train.rationale) if uses_rationale(cfg.train.fusion)
+                       else None)
 
 
 def load_trained(model_dir: Path):
     meta = json.loads(Path(model_dir, "meta.json").read_text())
-    model = build_backbone(meta["backbone"], meta["n_items"], meta["max_len"], **meta["model"])
-    model.load_state_dict(torch.load(Path(model_dir, "model.pt")))
+    state = torch.load(Path(model_dir, "model.pt"))
+    model = build_model(meta.get("fusion", "none"), meta["backbone"], meta["n_items"], meta["max_len"],
+                        meta["model"], state.get("item_text"))
+    model.load_state_dict(state)
     return model.eval(), meta
 
 
@@ -179,11 +198,13 @@ def run_evaluate(cfg: Config, split: str = "test", mask_history: bool = True) ->
     model, meta = load_trained(model_dir)
     if meta["n_items"] != len(items) + 1:
         raise DataError(f"{model_dir}: model has {meta['n_items'] - 1} items, dataset has {len(items)}")
-    report = {"backbone": meta["backbone"], "best_epoch": meta["best_epoch"],
+    _, user_text = fusion_vectors(cfg, meta["n_items"], len(sequences) + 1)
+    report = {"backbone": meta["backbone"], "model": cfg.model_name, "best_epoch": meta["best_epoch"],
               **evaluate(model, sequences, meta["n_items"], meta["max_len"], split=split,
-                         negatives=cfg.train.eval_negatives, seed=cfg.run.seed, mask_history=mask_history)}
+                         negatives=cfg.train.eval_negatives, seed=cfg.run.seed, mask_history=mask_history,
+                         user_text=None if user_text is None else user_text[split])}
     suffix = "" if mask_history else "-unmasked"
-    out = cfg.run.output_dir / "eval" / f"{meta['backbone']}{suffix}.json"
+    out = cfg.run.output_dir / "eval" / f"{cfg.model_name}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     return report

@@ -43,11 +43,12 @@ def pattern_run(tmp_path_factory):
 def test_training_table_has_every_prefix(pattern_run):
     import pandas as pd
 
-    sequences = pd.DataFrame({"train_item_ids": [[1, 2, 3, 4], [5, 6]]})
+    sequences = pd.DataFrame({"user_id": [1, 2], "train_item_ids": [[1, 2, 3, 4], [5, 6]]})
     table = training_table(sequences, max_len=2)
     assert table.column("item_seq").chunk(0).to_numpy().tolist() == [[1, 0], [1, 2], [2, 3], [5, 0]]
     assert table.column("item_seq_len").to_pylist() == [1, 2, 2, 1]
     assert table.column("pos_item").to_pylist() == [2, 3, 4, 6]
+    assert table.column("user_id").to_pylist() == [1, 1, 1, 2]
 
 
 def _epochs(meta):

@@ -1,0 +1,129 @@
+"""SLIM fusion: rationale and item-text vectors inside any backbone, and ID-agnostic text matching.
+
+ID-based (the paper's formulas, g_l and g_f linear, shared by items and users):
+    z_i = g_f([g_l(z_i^text); z_i^id])        s_u = g_f([g_l(s_u^text); s_u^seq])
+  variant `text`: only the item side is fused (item texts, no rationale);
+  variant `slim`: both sides, s_u^text = the student's rationale vector for that prefix.
+ID-agnostic (`text_match`): z_i = g_t(z_i^text), s_u = g_t(s_u^text [+ mean text of the history]);
+  items are scored from their text alone, so items never seen in training are ranked too.
+
+Text vectors are frozen (from the backfill); every batch of a fused model carries `user_text`
+[B, T], the rationale vector of the row's prefix. `fusion_inputs` maps backfill output to the
+tensors the models and the training table need.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from slim_ray.models import SequentialRecommender, build_backbone
+
+VARIANTS = ("none", "text", "slim", "text_match")
+RATIONALE_VECTORS = {"all": "embedding", "step1": "step1_embedding", "step2": "step2_embedding",
+                     "step3": "step3_embedding"}
+
+
+class FusedRecommender(SequentialRecommender):
+    def __init__(self, backbone: SequentialRecommender, item_text: torch.Tensor, use_rationale: bool):
+        super().__init__(backbone.n_items, backbone.max_len)
+        self.backbone, self.use_rationale = backbone, use_rationale
+        dim = backbone.item_embedding.embedding_dim
+        self.register_buffer("item_text", item_text.float())
+        self.g_l = nn.Linear(item_text.size(1), dim)
+        self.g_f = nn.Linear(2 * dim, dim)
+
+    @property
+    def item_embedding(self) -> nn.Embedding:
+        return self.backbone.item_embedding
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.g_f(torch.cat([self.g_l(self.item_text), self.backbone.item_vectors()], dim=1))
+
+    def seq_vectors(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        return self.backbone.seq_vectors(item_seq, item_seq_len)
+
+    def user_vectors(self, batch: dict) -> torch.Tensor:
+        seq = self.seq_vectors(batch["item_seq"], batch["item_seq_len"])
+        if not self.use_rationale:
+            return seq
+        return self.g_f(torch.cat([self.g_l(batch["user_text"].float()), seq], dim=1))
+
+
+class TextMatcher(SequentialRecommender):
+    """ID-agnostic: no item-id parameters at all, so any item with a text vector can be ranked."""
+
+    def __init__(self, n_items: int, max_len: int, item_text: torch.Tensor, hidden_size: int = 64,
+                 with_history: bool = True):
+        super().__init__(n_items, max_len)
+        self.with_history = with_history
+        self.register_buffer("item_text", item_text.float())
+        self.g_t = nn.Linear(item_text.size(1), hidden_size)
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.g_t(self.item_text)
+
+    def seq_vectors(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        present = (item_seq > 0).float()[:, :, None]
+        return (self.item_text[item_seq.long()] * present).sum(1) / present.sum(1).clamp(min=1)
+
+    def user_vectors(self, batch: dict) -> torch.Tensor:
+        text = batch["user_text"].float()
+        if self.with_history:
+            text = text + self.seq_vectors(batch["item_seq"], batch["item_seq_len"])
+        return self.g_t(text)
+
+
+def build_model(fusion: str, backbone: str, n_items: int, max_len: int, model_kwargs: dict,
+                item_text: torch.Tensor | None) -> SequentialRecommender:
+    if fusion == "none":
+        return build_backbone(backbone, n_items, max_len, **model_kwargs)
+    if item_text is None:
+        raise ValueError(f"fusion={fusion!r} needs item text vectors (run `slim-ray backfill` first)")
+    if fusion == "text_match":
+        return TextMatcher(n_items, max_len, item_text)
+    return FusedRecommender(build_backbone(backbone, n_items, max_len, **model_kwargs), item_text,
+                            use_rationale=fusion == "slim")
+
+
+def uses_rationale(fusion: str) -> bool:
+    return fusion in ("slim", "text_match")
+
+
+# ---------------------------------------------------------------- backfill output -> tensors
+
+def item_text_matrix(items: pd.DataFrame, n_items: int) -> torch.Tensor:
+    """[n_items, T] with row 0 (padding) zero, from the backfill's items table."""
+    vectors = np.stack(items["embedding"].to_numpy()).astype(np.float32)
+    matrix = np.zeros((n_items, vectors.shape[1]), dtype=np.float32)
+    matrix[items["item_id"].to_numpy()] = vectors
+    return torch.from_numpy(matrix)
+
+
+def rationale_vectors(rows: pd.DataFrame, n_users_plus_one: int, which: str = "all") -> dict[str, np.ndarray]:
+    """{split: [n_users + 1, T]} rationale vectors by user id. A split without its own rationale
+    falls back to another prefix that never contains the split's own target (a backfill of the
+    valid prefix only, one rationale per user, serves all three splits)."""
+    column = RATIONALE_VECTORS[which]
+    dim = len(rows[column].iloc[0])
+    by_split = {}
+    for split in ("train", "valid", "test"):
+        part = rows[rows["split"] == split]
+        matrix = np.zeros((n_users_plus_one, dim), dtype=np.float32)
+        if len(part):
+            matrix[part["user_id"].to_numpy()] = np.stack(part[column].to_numpy())
+        by_split[split] = (matrix, set(part["user_id"].tolist()))
+    order = {"train": ["train", "valid"], "valid": ["valid", "train"], "test": ["test", "valid", "train"]}
+    out = {}
+    for split, sources in order.items():
+        matrix = np.zeros((n_users_plus_one, dim), dtype=np.float32)
+        filled: set[int] = set()
+        for source in sources:
+            source_matrix, users = by_split[source]
+            new = sorted(users - filled)
+            matrix[new] = source_matrix[new]
+            filled |= users
+        out[split] = matrix
+    return out
