@@ -99,7 +99,7 @@ def prepare(
 def print_eval(report: dict) -> None:
     negatives = report["protocol"]["negatives"]
     masking = "masks" if report["protocol"]["full_ranking_masks_history"] else "does not mask"
-    table = Table(title=f"{report['backbone']} on {report['split']} ({report['users']} users; full ranking "
+    table = Table(title=f"{report.get('model', report['backbone'])} on {report['split']} ({report['users']} users; full ranking "
                   f"{masking} history items)")
     table.add_column("protocol")
     for metric in ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10"):
@@ -327,6 +327,16 @@ def print_backfill(manifest: dict) -> None:
     console.print(f"LanceDB {manifest['lancedb']['uri']}: table versions {manifest['lancedb']['versions']}")
 
 
+def print_compare(result: dict) -> None:
+    table = Table(title=f"{result['base_model']} vs {result['slim_model']} (test, full ranking)")
+    for column in ("metric", "base", "SLIM", "relative gain"):
+        table.add_column(column, justify="right")
+    for metric, r in result["metrics"].items():
+        gain = f"{r['gain']:+.1%}" if r["gain"] is not None else "-"
+        table.add_row(metric.upper(), f"{r['base']:.4f}", f"{r['slim']:.4f}", gain)
+    console.print(table)
+
+
 @app.command()
 def pipeline(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Run every stage end to end on one config (the README's run command)."""
@@ -346,7 +356,11 @@ def pipeline(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] 
             print_quality(result)
         elif stage == "backfill":
             print_backfill(result)
-        elif stage == "train":
+        elif stage == "evaluate-slim":
+            print_eval(result)
+        elif stage == "compare":
+            print_compare(result)
+        elif stage in ("train", "train-slim"):
             console.print(f"best epoch {result['best_epoch']} of {result['epochs_run']} "
                           f"(valid NDCG@10 {result['valid_ndcg@10']:.4f})")
 

@@ -1,0 +1,194 @@
+"""Stage `serve`: recommend-and-explain on Ray Serve, with the item vectors in LanceDB.
+
+  build_index      the trained model's item vectors -> LanceDB table `item_index` with an ANN index
+                   (IVF_HNSW_SQ, dot product); each run writes a new table version
+  RecommenderCore  user vector of a known user (stored history + backfilled rationale) or of a raw
+                   history (+ a fresh rationale from the student when the model or `explain` needs it)
+  IndexCore        ANN search with a prefilter on seen items; checks out the newest table version
+                   before each search, so a re-index swaps in atomically and requests never fail
+  StudentCore      the distilled student + text encoder for fresh rationales
+The *Core classes are plain Python (tested without Ray); `build_app` wraps each in a Serve deployment
+with autoscaling and puts a FastAPI ingress in front (OpenAPI at /docs). Deploy with
+`serve run serve_configs/recommend.yaml` or `slim-ray serve`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from slim_ray.config import Config
+from slim_ray.errors import DataError
+from slim_ray.prepare import load_prepared
+
+INDEX_TABLE = "item_index"
+
+
+class RequestError(Exception):
+    """A bad request: becomes a 4xx JSON error; the service keeps serving."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+# ---------------------------------------------------------------- index
+
+def build_index(cfg: Config) -> dict:
+    """Write the trained model's item vectors to LanceDB (a new table version) and index them."""
+    import lancedb
+
+    from slim_ray.backfill import vectors_table
+    from slim_ray.train import load_trained
+
+    if not (cfg.model_dir() / "model.pt").is_file():
+        raise DataError(f"no trained model at {cfg.model_dir()} (run `slim-ray train` first)")
+    items, _, _ = load_prepared(cfg.prepared_dir)
+    model, meta = load_trained(cfg.model_dir())
+    with torch.no_grad():
+        vectors = model.item_vectors()[1:].numpy().astype(np.float32)
+    frame = items[["item_id", "raw_id", "title"]].assign(embedding=list(vectors))
+    db = lancedb.connect(str(cfg.backfill.lancedb_uri or cfg.run.output_dir / "lancedb"))
+    table = db.create_table(INDEX_TABLE, data=vectors_table(frame, ["item_id", "raw_id", "title"], ["embedding"]),
+                            mode="overwrite")
+    table.create_index(metric="dot", vector_column_name="vector", index_type="IVF_HNSW_SQ",
+                       num_partitions=max(1, len(items) // 4096))
+    manifest = {"model": meta.get("name", meta["backbone"]), "rows": len(items), "dim": int(vectors.shape[1]),
+                "table_version": int(table.version), "index_type": "IVF_HNSW_SQ", "metric": "dot"}
+    (cfg.model_dir() / "index.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+class IndexCore:
+    def __init__(self, uri: str):
+        import lancedb
+
+        self.table = lancedb.connect(uri).open_table(INDEX_TABLE)
+
+    def search(self, vector: list[float], k: int, exclude: list[int], exact: bool = False) -> dict:
+        self.table.checkout_latest()  # a re-index is picked up here, atomically
+        query = self.table.search(np.asarray(vector, dtype=np.float32)).distance_type("dot").limit(k)
+        if exclude:
+            query = query.where(f"item_id NOT IN ({', '.join(str(int(i)) for i in exclude)})", prefilter=True)
+        if exact:
+            query = query.bypass_vector_index()
+        hits = query.select(["item_id", "raw_id", "title"]).to_list()
+        # LanceDB's "dot" distance is 1 - dot product: report the model's score itself
+        return {"items": [{"item_id": int(h["item_id"]), "raw_id": str(h["raw_id"]), "title": h["title"],
+                           "score": float(1.0 - h["_distance"])} for h in hits],
+                "index_version": int(self.table.version)}
+
+
+# ---------------------------------------------------------------- recommender
+
+class RecommenderCore:
+    def __init__(self, cfg: Config):
+        from slim_ray.train import fusion_vectors, load_trained
+
+        self.cfg = cfg
+        items, sequences, _ = load_prepared(cfg.prepared_dir)
+        self.items = items.set_index("item_id")
+        self.item_by_raw = dict(zip(items["raw_id"].astype(str), items["item_id"]))
+        self.user_row = {str(u): i for i, u in enumerate(sequences["raw_user_id"])}
+        self.sequences = sequences
+        self.model, self.meta = load_trained(cfg.model_dir())
+        self.needs_rationale = self.meta.get("fusion", "none") in ("slim", "text_match")
+        self.rationales = cached_rationales(cfg)
+        _, user_text = fusion_vectors(cfg, self.meta["n_items"], len(sequences) + 1)
+        self.user_text = None if user_text is None else user_text["test"]  # the newest prefix's rationale
+
+    def item(self, item_id: int) -> dict:
+        if item_id not in self.items.index:
+            raise RequestError(404, f"unknown item id {item_id}")
+        row = self.items.loc[item_id]
+        return {"item_id": int(item_id), "raw_id": str(row["raw_id"]), "title": row["title"],
+                "categories": list(row["categories"]), "brand": row["brand"], "year": row["year"]}
+
+    def resolve(self, user_id: str | None, history: list[str] | None) -> tuple[list[int], int | None]:
+        """(item ids of the history, user id if known). Raw ids in, 4xx reasons out."""
+        if user_id is not None:
+            if str(user_id) not in self.user_row:
+                raise RequestError(404, f"unknown user_id {user_id!r}")
+            row = self.user_row[str(user_id)]
+            return [int(i) for i in self.sequences["item_ids"].iloc[row]], int(self.sequences["user_id"].iloc[row])
+        unknown = [h for h in history if str(h) not in self.item_by_raw]
+        if unknown:
+            raise RequestError(422, f"unknown item ids in history: {unknown[:10]}")
+        return [int(self.item_by_raw[str(h)]) for h in history], None
+
+    def history_items(self, item_ids: list[int]) -> list[dict]:
+        return [self.item(i) for i in item_ids[-self.cfg.teacher.history_len:]]
+
+    def user_vector(self, item_ids: list[int], user_text: np.ndarray | None) -> list[float]:
+        max_len = self.meta["max_len"]
+        recent = item_ids[-max_len:]
+        batch = {"item_seq": torch.zeros(1, max_len, dtype=torch.long), "item_seq_len": torch.tensor([len(recent)])}
+        batch["item_seq"][0, : len(recent)] = torch.as_tensor(recent)
+        if self.needs_rationale:
+            batch["user_text"] = torch.as_tensor(np.asarray(user_text, dtype=np.float32))[None]
+        with torch.no_grad():
+            return self.model.user_vectors(batch)[0].tolist()
+
+
+def cached_rationales(cfg: Config) -> dict[int, dict]:
+    """user id -> the backfilled rationale of the user's newest prefix (empty without a backfill)."""
+    path = cfg.run.output_dir / "backfill" / "rationales.parquet"
+    if not path.is_file():
+        return {}
+    rows = pd.read_parquet(path, columns=["user_id", "split", "rationale", "history_ids", "model_version"])
+    rows["order"] = rows["split"].map({"train": 0, "valid": 1, "test": 2})
+    newest = rows.sort_values("order").groupby("user_id").tail(1)
+    return {int(r.user_id): {"rationale": r.rationale, "history_ids": [int(i) for i in r.history_ids],
+                             "model_version": r.model_version} for r in newest.itertuples()}
+
+
+class StudentCore:
+    def __init__(self, cfg: Config, engine: str = "hf"):
+        from slim_ray.backfill import load_encoder, model_version, student_path
+        from slim_ray.student import make_generator
+
+        path = student_path(cfg)
+        self.version, self.domain = model_version(path), load_prepared(cfg.prepared_dir)[2]["domain"]
+        self.generator = make_generator(engine, path, threads=1)
+        self.encoder = load_encoder(cfg.backfill.encoder, threads=1)
+        self.max_new_tokens = cfg.backfill.max_new_tokens
+
+    def explain(self, history: list[dict]) -> dict:
+        from slim_ray.prompts import parse_rationale, student_messages
+
+        texts, _ = self.generator.generate([student_messages(history, self.domain)], self.max_new_tokens)
+        vector = self.encoder.encode(texts, normalize_embeddings=True)[0].astype(np.float32)
+        return {"rationale": texts[0], "steps": parse_rationale(texts[0]).steps, "vector": vector.tolist(),
+                "model_version": self.version}
+
+
+async def recommend(core: RecommenderCore, explain_fn, search_fn, user_id: str | None, history: list[str] | None,
+                    k: int, exclude_seen: bool, explain: bool) -> dict:
+    """The request flow. `explain_fn(history_items)` and `search_fn(vector, k, exclude)` are async:
+    Serve handle calls in the app, wrapped plain calls in tests."""
+    start = time.perf_counter()
+    item_ids, known_user = core.resolve(user_id, history)
+    if not item_ids:
+        raise RequestError(422, "the history is empty")
+    cached = core.rationales.get(known_user) if known_user is not None else None
+    rationale, source, vector_text = None, None, None
+    if cached is not None:
+        rationale, source = {"rationale": cached["rationale"], "model_version": cached["model_version"]}, "cached"
+        vector_text = core.user_text[known_user] if core.user_text is not None else None
+    elif explain or core.needs_rationale:
+        fresh = await explain_fn(core.history_items(item_ids))
+        vector_text = np.asarray(fresh.pop("vector"), dtype=np.float32)
+        rationale, source = fresh, "fresh"
+    exclude = sorted(set(item_ids)) if exclude_seen else []
+    found = await search_fn(core.user_vector(item_ids, vector_text), k, exclude)
+    return {"items": found["items"], "explanation": rationale if explain else None,
+            "rationale_source": source if explain else None,
+            "versions": {"model": core.meta.get("name", core.meta["backbone"]),
+                         "student": rationale["model_version"] if rationale else None,
+                         "index": found["index_version"]},
+            "latency_ms": (time.perf_counter() - start) * 1000}

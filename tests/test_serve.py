@@ -1,0 +1,148 @@
+"""Recommend-and-explain: LanceDB index, the request flow, and a real Serve app on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from slim_ray.config import load_config
+from slim_ray.prepare import run_prepare
+from slim_ray.serve import IndexCore, RecommenderCore, RequestError, StudentCore, build_index, recommend
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def served_run(ring_dataset, tiny_student):
+    """A SLIM-fused tiny SASRec trained on a real backfill (HF student), indexed in LanceDB."""
+    from slim_ray.backfill import run_backfill
+    from slim_ray.train import run_train
+
+    cfg = load_config(None, [
+        f"data.interactions={ring_dataset / 'r.inter'}", f"data.items={ring_dataset / 'r.item'}",
+        f"run.output_dir={ring_dataset / 'serve'}", "ray.object_store_memory_mb=100", "backfill.engine=hf",
+        f"backfill.student={tiny_student[0]}", "backfill.max_new_tokens=16", "backfill.splits=[valid]",
+        "backfill.cpus_per_actor=1", "train.fusion=slim", "train.epochs=1", "train.batch_size=32",
+        "train.eval_negatives=10", "train.cpus_per_worker=1",
+        "train.model={hidden_size: 16, inner_size: 32, n_layers: 1}"])
+    run_prepare(cfg.data, cfg.prepared_dir)
+    run_backfill(cfg.model_copy(update={"backfill": cfg.backfill.model_copy(update={"max_users": 30})}))
+    run_train(cfg)
+    build_index(cfg)
+    return cfg
+
+
+def _sync(fn):
+    async def call(*args):
+        return fn(*args)
+    return call
+
+
+def test_index_search_excludes_seen_and_agrees_with_exact_search(served_run):
+    index = IndexCore(str(served_run.run.output_dir / "lancedb"))
+    rng = np.random.default_rng(0)
+    agree = []
+    for _ in range(20):
+        query = rng.standard_normal(16).tolist()
+        ann = [h["item_id"] for h in index.search(query, 10, [])["items"]]
+        exact = [h["item_id"] for h in index.search(query, 10, [], exact=True)["items"]]
+        agree.append(len(set(ann) & set(exact)) / 10)
+    assert np.mean(agree) >= 0.95
+    hits = index.search(query, 10, [1, 2, 3])["items"]
+    assert len(hits) == 10 and not {1, 2, 3} & {h["item_id"] for h in hits}
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_request_flow_cached_fresh_and_errors(served_run):
+    core = RecommenderCore(served_run)
+    student = StudentCore(served_run)
+    index = IndexCore(str(served_run.run.output_dir / "lancedb"))
+    calls = []
+
+    def explain(history):
+        calls.append(history)
+        return student.explain(history)
+
+    run = lambda **kw: asyncio.run(recommend(core, _sync(explain), _sync(index.search), **{  # noqa: E731
+        "user_id": None, "history": None, "k": 5, "exclude_seen": True, "explain": True, **kw}))
+    known = run(user_id="u1")  # in the backfill (first 30 users)
+    assert known["rationale_source"] == "cached" and not calls and len(known["items"]) == 5
+    seen = set(core.resolve("u1", None)[0])
+    assert not seen & {i["item_id"] for i in known["items"]}
+    fresh = run(history=["3", "4", "5"])
+    assert fresh["rationale_source"] == "fresh" and len(calls) == 1 and fresh["explanation"]["rationale"] is not None
+    assert fresh["versions"]["student"] == student.version
+    for kwargs, status in (({"user_id": "nobody"}, 404), ({"history": ["999"]}, 422), ({"history": []}, 422)):
+        with pytest.raises(RequestError) as error:
+            run(**kwargs)
+        assert error.value.status == status
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_app_endpoints_bad_requests_and_index_swap(served_run):
+    import httpx
+
+    from slim_ray.serve_app import MAX_BODY_BYTES, serving
+
+    with serving(served_run, port=_free_port()) as url:
+        client = httpx.Client(base_url=url, timeout=60)
+        assert client.get("/healthz").json()["status"] == "ok"
+        assert client.get("/docs").status_code == 200 and "/v1/recommend" in client.get("/openapi.json").text
+        known = client.post("/v1/recommend", json={"user_id": "u1", "k": 3})
+        assert known.status_code == 200 and known.json()["rationale_source"] == "cached"
+        assert len(known.json()["items"]) == 3
+        fresh = client.post("/v1/recommend", json={"history": ["3", 4, "5"], "k": 3})
+        assert fresh.status_code == 200 and fresh.json()["rationale_source"] == "fresh"
+        assert client.get("/v1/items/3").json()["title"] == "Film3"
+        bad = {
+            "unknown user": ({"user_id": "nobody"}, 404),
+            "empty history": ({"history": []}, 422),
+            "unknown item": ({"history": ["999"]}, 422),
+            "k too large": ({"user_id": "u1", "k": 1000}, 422),
+            "k zero": ({"user_id": "u1", "k": 0}, 422),
+            "wrong type": ({"user_id": "u1", "k": "ten"}, 422),
+            "both sources": ({"user_id": "u1", "history": ["3"]}, 422),
+            "extra field": ({"user_id": "u1", "limit": 3}, 422),
+        }
+        for name, (body, status) in bad.items():
+            response = client.post("/v1/recommend", json=body)
+            assert response.status_code == status, name
+            assert response.json()["error"], name
+        assert client.get("/v1/items/999").status_code == 404
+        big = client.post("/v1/recommend", content=b"{" + b" " * MAX_BODY_BYTES + b"}",
+                          headers={"content-type": "application/json"})
+        assert big.status_code == 413
+        assert client.post("/v1/recommend", content=b"not json", headers={"content-type": "application/json"}
+                           ).status_code == 422
+
+        # re-index while requests are in flight: none fails, and the new table version is served
+        before = known.json()["versions"]["index"]
+        failures, done = [], threading.Event()
+
+        def hammer():
+            while not done.is_set():
+                r = client.post("/v1/recommend", json={"user_id": "u2", "k": 5, "explain": False})
+                if r.status_code != 200:
+                    failures.append(r.status_code)
+
+        worker = threading.Thread(target=hammer)
+        worker.start()
+        build_index(served_run)
+        done.set()
+        worker.join()
+        assert not failures
+        after = client.post("/v1/recommend", json={"user_id": "u2", "k": 5}).json()["versions"]["index"]
+        assert after > before
+        metrics = client.get("/metrics").text
+        assert 'slim_requests_total{route="/v1/recommend",status="200"}' in metrics
+        assert client.get("/healthz").status_code == 200  # still serving after every bad request
