@@ -1,7 +1,7 @@
 """Student generation speed, side by side in one run: naive HF loop vs batched HF vs vLLM.
 
-  python bench/generation.py                       # 32 ML-100k prompts, 64 new tokens, 2 threads
-  python bench/generation.py --prompts 64 --max-new-tokens 128
+  python bench/generation.py                       # 32 ML-100k prompts, 128 new tokens, 2 threads
+  python bench/generation.py --prompts 64 --max-new-tokens 64
 
 Same student (SmolLM2-135M-Instruct, fp32), same prompts (the backfill's simplified prompts of the
 first N ML-100k users), same token budget, greedy. Each engine runs in its own process with torch /
@@ -40,6 +40,19 @@ def prompts(n: int) -> list[list[dict]]:
     return [json.loads(m) for m in requests["student_messages"]]
 
 
+def matmul_peak_gflops(threads: int) -> float:
+    """fp32 matmul throughput of this CPU at the engines' thread count: the compute ceiling."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    return 2 * 2048**3 * reps / (time.perf_counter() - start) / 1e9
+
+
 def run_engine(engine: str, model: str, conversations: list[list[dict]], max_new_tokens: int,
                threads: int, batch_size: int) -> dict:
     """Runs inside the child process."""
@@ -63,7 +76,7 @@ def run_engine(engine: str, model: str, conversations: list[list[dict]], max_new
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="default: the backfill's budget")
     parser.add_argument("--threads", type=int, default=2, help="CPU share of each engine's process")
     parser.add_argument("--batch-size", type=int, default=32, help="batched HF engine")
     parser.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M-Instruct)")
@@ -74,17 +87,27 @@ def main() -> None:
     from slim_ray.student import ensure_student_base
 
     model = args.model or ensure_student_base("smollm2-135m")
-    if args.child:  # one engine, in this process
+    if args.child:  # one engine (or the matmul probe), in this process
         spec = json.loads(Path(args.child).read_text())
+        if spec["engine"] == "matmul":
+            Path(args.child).write_text(json.dumps({"gflops": matmul_peak_gflops(args.threads)}))
+            return
         result = run_engine(spec["engine"], model, spec["conversations"], args.max_new_tokens, args.threads,
                             args.batch_size)
         Path(args.child).write_text(json.dumps(result))
         return
 
     conversations = prompts(args.prompts)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompt_tokens = sum(len(tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
+                                      add_special_tokens=False)["input_ids"]) for c in conversations)
+    # forward FLOPs per token ~ 2 x parameters (tied embeddings: the LM head is the one big matmul)
+    params = AutoModelForCausalLM.from_pretrained(model).num_parameters()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     results = {}
-    for engine in args.engines:
+    for engine in ["matmul", *args.engines]:
         spec = ROOT / "runs" / "bench_generation" / f"{engine}.json"
         spec.write_text(json.dumps({"engine": engine, "conversations": conversations}))
         subprocess.run([sys.executable, __file__, "--child", str(spec), "--max-new-tokens", str(args.max_new_tokens),
@@ -92,6 +115,10 @@ def main() -> None:
                        check=True, env=env)
         results[engine] = json.loads(spec.read_text())
         print(engine, {k: v for k, v in results[engine].items() if k != "texts"}, flush=True)
+    peak = results.pop("matmul")["gflops"]
+    for r in results.values():  # prefill + decode work actually done, against the matmul ceiling
+        r["gflops"] = 2 * params * (prompt_tokens + r["tokens"]) / r["wall_s"] / 1e9
+        r["share_of_matmul_peak"] = r["gflops"] / peak
 
     reference = results.get("naive_hf", {}).get("texts")
     for r in results.values():  # greedy decoding: engines should mostly agree word for word
@@ -103,18 +130,26 @@ def main() -> None:
         summary["vllm_over_naive_hf"] = results["vllm"]["tok_s"] / naive
     if naive and "batched_hf" in results:
         summary["batched_hf_over_naive_hf"] = results["batched_hf"]["tok_s"] / naive
-    summary.update(prompts=args.prompts, max_new_tokens=args.max_new_tokens, threads=args.threads)
-    lines = ["| engine | tok/s | × naive | tokens | generation s | load s | same text as naive |",
-             "|---|---|---|---|---|---|---|"]
+    summary.update(prompts=args.prompts, max_new_tokens=args.max_new_tokens, threads=args.threads,
+                   prompt_tokens=prompt_tokens, matmul_peak_gflops=peak, model_params=params)
+    lines = ["| engine | tok/s | × naive | tokens | generation s | load s | same text as naive | GFLOP/s (prefill+decode) | of matmul peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for e, r in results.items():
         ratio = f"{r['tok_s'] / naive:.2f}" if naive else "-"
         same = f"{r['same_text_as_naive']:.0%}" if r["same_text_as_naive"] is not None else "-"
         lines.append(f"| {ENGINES[e]} | **{r['tok_s']:.1f}** | {ratio} | {r['tokens']} | {r['wall_s']:.1f} | "
-                     f"{r['load_s']:.1f} | {same} |")
+                     f"{r['load_s']:.1f} | {same} | {r['gflops']:.0f} | {r['share_of_matmul_peak']:.0%} |")
+    generated = results[next(iter(results))]["tokens"]
+    prefill_share = prompt_tokens / (prompt_tokens + generated)
     notes = (f"{args.prompts} ML-100k student prompts (backfill's simplified prompt, valid prefix), "
              f"{args.max_new_tokens} new tokens max, greedy, fp32, {args.threads} threads per engine process, "
              "engines run one after another. Batched HF uses left padding and batch "
-             f"{args.batch_size}; vLLM schedules all prompts with continuous batching.")
+             f"{args.batch_size}; vLLM schedules all prompts with continuous batching. The prompts hold "
+             f"{prompt_tokens:,} tokens ({prompt_tokens / args.prompts:.0f} each) against at most "
+             f"{args.max_new_tokens} generated each: prefill is {prefill_share:.0%} of the tokens processed and costs "
+             f"every engine the same arithmetic. GFLOP/s counts 2 x {params / 1e6:.0f}M parameters per processed token (prompt + generated); "
+             f"the ceiling is this CPU's fp32 matmul at {args.threads} threads, measured in the same run: "
+             f"{peak:.0f} GFLOP/s.")
     publish("generation", "Student generation engines (SmolLM2-135M, CPU)",
             {"summary": summary, "engines": {e: {k: v for k, v in r.items() if k != "texts"}
                                              for e, r in results.items()}}, "\n".join(lines), notes)

