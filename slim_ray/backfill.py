@@ -205,7 +205,10 @@ def run_backfill(cfg: Config) -> dict:
     new_rows, new_items = todo.iloc[:0], todo_items.iloc[:0]
     with ray_session(cfg.ray, env={"OMP_NUM_THREADS": str(threads)}):
         if len(todo):
-            generated = ray.data.from_pandas(todo).repartition(max(1, -(-len(todo) // bc.batch_size))).map_batches(
+            # One block per batch, made here: a repartition task would need a CPU that the student
+            # actors may hold all of (2-CPU machine), and wait forever.
+            blocks = [todo.iloc[i:i + bc.batch_size] for i in range(0, len(todo), bc.batch_size)]
+            generated = ray.data.from_pandas(blocks).map_batches(
                 StudentActor, batch_format="pandas", batch_size=bc.batch_size, concurrency=bc.num_actors,
                 num_cpus=threads, num_gpus=bc.gpus_per_actor or None, fn_constructor_kwargs={
                     "engine": bc.engine, "model_path": path, "threads": threads,
