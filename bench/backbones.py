@@ -2,6 +2,7 @@
 
   python bench/backbones.py --epochs 8                      # all three models
   python bench/backbones.py --epochs 8 --models SASRec      # one
+  python bench/backbones.py --epochs 8 --models GRU4Rec --seeds 0 1 2 --reuse-ours   # 3 seeds a side
 
 Both sides: the same chronological order (RecBole gets rank timestamps, see recbole_input), leave-one-out (last item test, second last valid), chronological order, max_len 50,
 CE loss over all items, batch 256, Adam lr 1e-3, same epochs, model selected on valid NDCG@10 with
@@ -19,6 +20,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, publish  # noqa: E402
@@ -61,14 +64,15 @@ def run_recbole(workdir: Path, out: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
-def recbole_result(model: str, epochs: int, patience: int, workdir: Path, reuse: bool) -> dict:
-    """RecBole's run for this model; an earlier run with the same settings is reused (they are slow)."""
-    out = workdir / f"recbole_{model}.json"
+def recbole_result(model: str, epochs: int, patience: int, workdir: Path, reuse: bool, offset: int = 0) -> dict:
+    """RecBole's run for this model and seed (2020 + offset); an earlier identical run is reused."""
+    out = workdir / (f"recbole_{model}.json" if offset == 0 else f"recbole_{model}_seed+{offset}.json")
     if reuse and out.is_file():
         cached = json.loads(out.read_text())
         if (cached.get("epochs"), cached.get("patience")) == (epochs, patience) and "test" in cached:
             return cached
-    return run_recbole(workdir, out, "--model", model, "--epochs", str(epochs), "--patience", str(patience))
+    return run_recbole(workdir, out, "--model", model, "--epochs", str(epochs), "--patience", str(patience),
+                       "--seed", str(2020 + offset))
 
 
 def check_identical_split(recbole: dict, stats: dict, items, sequences) -> None:
@@ -84,6 +88,32 @@ def _seconds(value) -> str:
     return f"{value:.0f}" if value is not None else "n/a"
 
 
+def one_pair(base, model: str, offset: int, args) -> dict:
+    """Our model and RecBole's for one seed offset, scored on RecBole's (unmasked) protocol."""
+    recbole = recbole_result(model, args.epochs, args.patience, args.workdir, not args.no_reuse, offset)
+    out_dir = args.workdir if offset == 0 else args.workdir / f"seed+{offset}"
+    cfg = base.model_copy(update={"train": base.train.model_copy(update={"backbone": model}),
+                                  "run": base.run.model_copy(update={"output_dir": out_dir,
+                                                                     "seed": base.run.seed + offset})})
+    if offset:
+        run_prepare(cfg.data, cfg.prepared_dir)
+    meta_path = cfg.model_dir() / "meta.json"
+    previous = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if (args.reuse_ours and len(previous.get("history", [])) == args.epochs
+            and previous.get("select_masks_history") is False):
+        meta = previous
+    else:
+        meta = run_train(cfg)
+    # RecBole ranks history items for sequential models (no masking): compare on that protocol.
+    report = run_evaluate(cfg, mask_history=False)
+    masked = run_evaluate(cfg)["full"]
+    return {"seed_offset": offset, "ours": {m: report["full"][m.replace("hit", "hr")] for m in METRICS},
+            "recbole": {m: recbole["test"][m] for m in METRICS}, "ours_best_epoch": meta["best_epoch"],
+            "ours_history_masked": {m: masked[m.replace("hit", "hr")] for m in METRICS},
+            "ours_train_wall_s": meta.get("train_wall_s"), "recbole_train_s": recbole["train_s"],
+            "ours_train_loss": [h["train_loss"] for h in meta["history"]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=8)
@@ -93,6 +123,8 @@ def main() -> None:
     parser.add_argument("--no-reuse", action="store_true", help="rerun RecBole even if a result exists")
     parser.add_argument("--reuse-ours", action="store_true", help="re-evaluate our models trained earlier "
                         "with the same epoch budget instead of retraining them")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seed offsets: 0 = ours run.seed "
+                        "42 / RecBole 2020 (the cached pair); k runs both sides with seeds +k")
     args = parser.parse_args()
 
     subprocess.run(["bash", str(ROOT / "bench" / "setup_recbole_env.sh")], check=True)
@@ -108,40 +140,30 @@ def main() -> None:
 
     rows = {}
     for model in args.models:
-        recbole = recbole_result(model, args.epochs, args.patience, args.workdir, not args.no_reuse)
-        recbole_s = recbole["train_s"]
-        cfg = base.model_copy(update={"train": base.train.model_copy(update={"backbone": model})})
-        meta_path = cfg.model_dir() / "meta.json"
-        previous = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        if (args.reuse_ours and len(previous.get("history", [])) == args.epochs
-                and previous.get("select_masks_history") is False):
-            meta, ours_s = previous, previous.get("train_wall_s")
-        else:
-            meta = run_train(cfg)
-            ours_s = meta["train_wall_s"]
-        # RecBole ranks history items for sequential models (no masking): compare on that protocol.
-        report = run_evaluate(cfg, mask_history=False)
-        masked = run_evaluate(cfg)["full"]
-        ours = {m: report["full"][m.replace("hit", "hr")] for m in METRICS}
-        theirs = {m: recbole["test"][m] for m in METRICS}
-        rows[model] = {"ours": ours, "recbole": theirs, "ours_best_epoch": meta["best_epoch"],
-                       "ours_history_masked": {m: masked[m.replace("hit", "hr")] for m in METRICS},
-                       "ours_train_wall_s": ours_s, "recbole_train_s": recbole_s,
+        pairs = [one_pair(base, model, offset, args) for offset in args.seeds]
+        ours = {m: float(np.mean([p["ours"][m] for p in pairs])) for m in METRICS}
+        theirs = {m: float(np.mean([p["recbole"][m] for p in pairs])) for m in METRICS}
+        rows[model] = {"ours": ours, "recbole": theirs, "runs": pairs,
+                       "ours_ndcg10_std": float(np.std([p["ours"]["ndcg@10"] for p in pairs])),
+                       "recbole_ndcg10_std": float(np.std([p["recbole"]["ndcg@10"] for p in pairs])),
+                       "ours_train_wall_s": pairs[0]["ours_train_wall_s"], "recbole_train_s": pairs[0]["recbole_train_s"],
                        "ndcg10_ratio": ours["ndcg@10"] / theirs["ndcg@10"],
                        "hit10_ratio": ours["hit@10"] / theirs["hit@10"]}
-        print(model, json.dumps(rows[model]), flush=True)
+        print(model, json.dumps({k: v for k, v in rows[model].items() if k != "runs"}), flush=True)
 
     summary = {"ndcg10_ratio_vs_recbole": {m: r["ndcg10_ratio"] for m, r in rows.items()},
                "hit10_ratio_vs_recbole": {m: r["hit10_ratio"] for m, r in rows.items()},
-               "epochs": args.epochs, "identical_split_checked": True}
+               "epochs": args.epochs, "seeds_per_side": len(args.seeds), "identical_split_checked": True}
     lines = ["| model | ours NDCG@10 | RecBole NDCG@10 | ratio | ours HR@10 | RecBole HR@10 | ratio "
              "| ours train+startup s | RecBole train s |", "|---|---|---|---|---|---|---|---|---|"]
     for m, r in rows.items():
-        lines.append(f"| {m} | {r['ours']['ndcg@10']:.4f} | {r['recbole']['ndcg@10']:.4f} | "
+        lines.append(f"| {m} | {r['ours']['ndcg@10']:.4f} ± {r['ours_ndcg10_std']:.4f} | "
+                     f"{r['recbole']['ndcg@10']:.4f} ± {r['recbole_ndcg10_std']:.4f} | "
                      f"**{r['ndcg10_ratio']:.3f}** | {r['ours']['hit@10']:.4f} | {r['recbole']['hit@10']:.4f} | "
                      f"{r['hit10_ratio']:.3f} | {_seconds(r['ours_train_wall_s'])} | {_seconds(r['recbole_train_s'])} |")
     notes = (f"ML-100k (943 users, 1,682 items, 100,000 interactions; identical split asserted), "
-             f"{args.epochs} epochs each side, test full ranking over all items with history items not "
+             f"{args.epochs} epochs each side, mean ± std over {len(args.seeds)} seed(s) per side (ratio = ratio "
+             "of the means), test full ranking over all items with history items not "
              "masked (RecBole's protocol for sequential models), model chosen on valid NDCG@10 under that same "
              "protocol by each side. Equal budgets, not converged runs: a floor for both sides, not the "
              "literature's converged numbers. Ours: Ray Train, 1 worker x 2 threads, time includes Ray "

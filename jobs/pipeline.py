@@ -1,6 +1,5 @@
-"""Ray job entrypoint: `ray job submit --working-dir . -- python -m jobs.pipeline --config FILE`."""
-
-from slim_ray.cli import app
+"""`ray job submit --working-dir . -- python -m jobs.pipeline --config FILE`"""
+from jobs import run
 
 if __name__ == "__main__":
-    app(["pipeline", *__import__("sys").argv[1:]])
+    run("pipeline")

@@ -6,6 +6,7 @@ stage-specific flags are shortcuts for the most used overrides.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -337,32 +338,35 @@ def print_compare(result: dict) -> None:
     console.print(table)
 
 
+def print_trained(meta: dict) -> None:
+    console.print(f"{meta['name']}: best epoch {meta['best_epoch']} of {meta['epochs_run']} "
+                  f"(valid NDCG@10 {meta['valid_ndcg@10']:.4f})")
+
+
+def print_index(manifest: dict) -> None:
+    console.print(f"LanceDB item_index: {manifest['rows']} items of {manifest['model']}, {manifest['index_type']} "
+                  f"({manifest['metric']}), table version {manifest['table_version']}")
+
+
+def print_exchanges(exchanges: dict) -> None:
+    for name, exchange in exchanges.items():
+        console.print(f"[bold]{name}[/]: POST /v1/recommend {json.dumps(exchange['request'])} -> {exchange['status']}")
+        console.print_json(json.dumps(exchange["response"]))
+
+
 @app.command()
 def pipeline(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Run every stage end to end on one config (the README's run command)."""
     from slim_ray.pipeline import run_pipeline
 
+    printers = {"prepare": print_stats, "evaluate": print_eval, "teach": print_ledger, "distill": print_distill,
+                "evaluate-rationales": print_quality, "backfill": print_backfill, "evaluate-slim": print_eval,
+                "compare": print_compare, "index": print_index, "serve-demo": print_exchanges,
+                "train": print_trained, "train-slim": print_trained}
+
     def report(stage: str, result: dict) -> None:
         console.rule(f"[bold]{stage}")
-        if stage == "prepare":
-            print_stats(result)
-        elif stage == "evaluate":
-            print_eval(result)
-        elif stage == "teach":
-            print_ledger(result)
-        elif stage == "distill":
-            print_distill(result)
-        elif stage == "evaluate-rationales":
-            print_quality(result)
-        elif stage == "backfill":
-            print_backfill(result)
-        elif stage == "evaluate-slim":
-            print_eval(result)
-        elif stage == "compare":
-            print_compare(result)
-        elif stage in ("train", "train-slim"):
-            console.print(f"best epoch {result['best_epoch']} of {result['epochs_run']} "
-                          f"(valid NDCG@10 {result['valid_ndcg@10']:.4f})")
+        printers[stage](result)
 
     def action() -> None:
         cfg = _config(config, overrides)

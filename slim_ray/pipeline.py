@@ -3,7 +3,8 @@
 prepare -> train (backbone) -> evaluate -> teach (rationales for a sample of users, grounded by the
 backbone's top-K) -> distill (LoRA student) -> evaluate-rationales -> backfill (student rationales
 for every user, vectors into LanceDB) -> train-slim (the same backbone with SLIM fusion) ->
-evaluate-slim -> compare (base vs SLIM on test).
+evaluate-slim -> compare (base vs SLIM on test) -> index (the SLIM model's item vectors into LanceDB)
+-> serve-demo (Ray Serve app on 127.0.0.1:8000: a known user, a raw history, a bad request).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def run_pipeline(cfg: Config, report: Callable[[str, dict], None]) -> dict[str, 
     from slim_ray.distill import run_distill
     from slim_ray.prepare import run_prepare
     from slim_ray.rationale_quality import run_evaluate_rationales
+    from slim_ray.serve import build_index
+    from slim_ray.serve_app import demo_requests
     from slim_ray.teach import run_teach
     from slim_ray.train import run_evaluate, run_train
 
@@ -45,7 +48,9 @@ def run_pipeline(cfg: Config, report: Callable[[str, dict], None]) -> dict[str, 
               ("backfill", lambda: run_backfill(cfg)),
               ("train-slim", lambda: run_train(slim_cfg)),
               ("evaluate-slim", lambda: run_evaluate(slim_cfg)),
-              ("compare", lambda: compare(results["evaluate"], results["evaluate-slim"]))]
+              ("compare", lambda: compare(results["evaluate"], results["evaluate-slim"])),
+              ("index", lambda: build_index(slim_cfg)),
+              ("serve-demo", lambda: demo_requests(slim_cfg))]
     walls: dict[str, float] = {}
     for name, stage in stages:
         start = time.perf_counter()

@@ -182,3 +182,29 @@ def serving(cfg: Config, port: int = 8000, student: bool = True, engine: str = "
             yield f"http://127.0.0.1:{port}"
         finally:
             serve.shutdown()
+
+
+def demo_requests(cfg: Config, port: int | None = None) -> dict:
+    """The demo's last stage: serve locally, send real requests, return what came back, shut down."""
+    import socket
+
+    import httpx
+
+    if port is None:  # a free loopback port: 8000 may be taken on a shared machine
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+
+    from slim_ray.prepare import load_prepared
+
+    items, sequences, _ = load_prepared(cfg.prepared_dir)
+    raw_id = dict(zip(items["item_id"], items["raw_id"].astype(str)))
+    user = str(sequences["raw_user_id"].iloc[0])
+    history = [raw_id[int(i)] for i in sequences["item_ids"].iloc[1][:5]]  # another user's first items
+    requests = {"known user": {"user_id": user, "k": 5},
+                "raw history": {"history": history, "k": 5},
+                "bad request (k out of range)": {"user_id": user, "k": 0}}
+    with serving(cfg, port=port) as url:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            return {name: {"request": body, "status": (r := client.post("/v1/recommend", json=body)).status_code,
+                           "response": r.json()} for name, body in requests.items()}

@@ -11,6 +11,7 @@ import torch
 from slim_ray.evaluation import full_ranks
 from slim_ray.fusion import FusedRecommender, TextMatcher, build_model, rationale_vectors
 from slim_ray.models import build_backbone
+from conftest import slim_run_overrides  # tests/ is on sys.path (pytest rootdir)
 
 
 def test_fused_vectors_follow_the_paper():
@@ -94,13 +95,7 @@ def test_slim_fusion_trains_on_ray_from_a_real_backfill(ring_dataset, tiny_stude
     from slim_ray.prepare import run_prepare
     from slim_ray.train import run_evaluate, run_train
 
-    cfg = load_config(None, [
-        f"data.interactions={ring_dataset / 'r.inter'}", f"data.items={ring_dataset / 'r.item'}",
-        f"run.output_dir={ring_dataset / 'fusion'}", "ray.object_store_memory_mb=100", "backfill.engine=hf",
-        f"backfill.student={tiny_student[0]}", "backfill.max_new_tokens=16", "backfill.splits=[valid]",
-        "backfill.cpus_per_actor=1", "train.fusion=slim", "train.epochs=2", "train.batch_size=32",
-        "train.eval_negatives=10", "train.cpus_per_worker=1",
-        "train.model={hidden_size: 16, inner_size: 32, n_layers: 1}"])
+    cfg = load_config(None, slim_run_overrides(ring_dataset, tiny_student[0], "fusion", epochs=2))
     run_prepare(cfg.data, cfg.prepared_dir)
     run_backfill(cfg)
     meta = run_train(cfg)

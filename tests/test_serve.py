@@ -12,6 +12,7 @@ import pytest
 from slim_ray.config import load_config
 from slim_ray.prepare import run_prepare
 from slim_ray.serve import IndexCore, RecommenderCore, RequestError, StudentCore, build_index, recommend
+from conftest import slim_run_overrides  # tests/ is on sys.path (pytest rootdir)
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +23,7 @@ def served_run(ring_dataset, tiny_student):
     from slim_ray.backfill import run_backfill
     from slim_ray.train import run_train
 
-    cfg = load_config(None, [
-        f"data.interactions={ring_dataset / 'r.inter'}", f"data.items={ring_dataset / 'r.item'}",
-        f"run.output_dir={ring_dataset / 'serve'}", "ray.object_store_memory_mb=100", "backfill.engine=hf",
-        f"backfill.student={tiny_student[0]}", "backfill.max_new_tokens=16", "backfill.splits=[valid]",
-        "backfill.cpus_per_actor=1", "train.fusion=slim", "train.epochs=1", "train.batch_size=32",
-        "train.eval_negatives=10", "train.cpus_per_worker=1",
-        "train.model={hidden_size: 16, inner_size: 32, n_layers: 1}"])
+    cfg = load_config(None, slim_run_overrides(ring_dataset, tiny_student[0], "serve", epochs=1))
     run_prepare(cfg.data, cfg.prepared_dir)
     run_backfill(cfg.model_copy(update={"backfill": cfg.backfill.model_copy(update={"max_users": 30})}))
     run_train(cfg)
