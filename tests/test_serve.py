@@ -31,6 +31,26 @@ def served_run(ring_dataset, tiny_student):
     return cfg
 
 
+def test_fused_model_trained_on_ray_uses_the_rationales(served_run):
+    import torch
+
+    from slim_ray.evaluation import split_arrays
+    from slim_ray.prepare import load_prepared
+    from slim_ray.train import fusion_vectors, load_trained, run_evaluate
+
+    model, meta = load_trained(served_run.model_dir())
+    assert meta["name"] == "SASRec-slim" and meta["fusion"] == "slim" and len(meta["history"]) == 1
+    report = run_evaluate(served_run)
+    assert report["model"] == "SASRec-slim" and 0 <= report["full"]["ndcg@10"] <= 1
+    _, sequences, _ = load_prepared(served_run.prepared_dir)
+    _, user_text = fusion_vectors(served_run, meta["n_items"], len(sequences) + 1)
+    arrays = split_arrays(sequences, "test", meta["max_len"], user_text["test"])
+    with torch.no_grad():
+        scores = model.full_sort_predict(arrays)
+        blank = model.full_sort_predict({**arrays, "user_text": torch.zeros_like(arrays["user_text"])})
+    assert not torch.allclose(scores, blank)  # the rationale vector moves the scores
+
+
 def _sync(fn):
     async def call(*args):
         return fn(*args)
