@@ -184,16 +184,19 @@ def serving(cfg: Config, port: int = 8000, student: bool = True, engine: str = "
             serve.shutdown()
 
 
-def demo_requests(cfg: Config, port: int | None = None) -> dict:
-    """The demo's last stage: serve locally, send real requests, return what came back, shut down."""
+def free_port() -> int:
     import socket
 
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def demo_requests(cfg: Config, port: int | None = None) -> dict:
+    """The demo's last stage: serve locally, send real requests, return what came back, shut down."""
     import httpx
 
-    if port is None:  # a free loopback port: 8000 may be taken on a shared machine
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+    port = port or free_port()  # 8000 may be taken on a shared machine
 
     from slim_ray.prepare import load_prepared
 

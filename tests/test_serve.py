@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 
 import numpy as np
@@ -98,18 +97,12 @@ def test_request_flow_cached_fresh_and_errors(served_run):
         assert error.value.status == status
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_app_endpoints_bad_requests_and_index_swap(served_run):
     import httpx
 
-    from slim_ray.serve_app import MAX_BODY_BYTES, serving
+    from slim_ray.serve_app import MAX_BODY_BYTES, free_port, serving
 
-    with serving(served_run, port=_free_port()) as url:
+    with serving(served_run, port=free_port()) as url:
         client = httpx.Client(base_url=url, timeout=60)
         assert client.get("/healthz").json()["status"] == "ok"
         assert client.get("/docs").status_code == 200 and "/v1/recommend" in client.get("/openapi.json").text
