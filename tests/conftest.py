@@ -99,19 +99,26 @@ def tiny_student(tmp_path_factory):
     return str(path), tokenizer
 
 
+def write_ring(root: Path, name: str, users: int, n_items: int, seed: int, length=6, title: str = "Film",
+               genres: tuple[str, ...] = ("Comedy", "Drama")) -> Path:
+    """Users walking the item ring (i -> i+1) from random starts: a pattern every model can learn.
+    `length` is a fixed history length or a (low, high) range drawn per user."""
+    rng = np.random.default_rng(seed)
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for user in range(users):
+        start = rng.integers(1, n_items)
+        steps = rng.integers(*length) if isinstance(length, tuple) else length
+        lines += [f"u{user}\t{(start + t) % n_items + 1}\t5\t{t}" for t in range(steps)]
+    (root / f"{name}.inter").write_text("\n".join(lines) + "\n")
+    items = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
+    items += [f"{i}\t{title}{i}\t1990\t{genres[i % len(genres)]}" for i in range(1, n_items + 1)]
+    (root / f"{name}.item").write_text("\n".join(items) + "\n")
+    return root
+
+
 @pytest.fixture(scope="session")
 def ring_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teach")
-    rng = np.random.default_rng(1)
-    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
-    for user in range(40):
-        start = rng.integers(1, 30)
-        lines += [f"u{user}\t{(start + t) % 30 + 1}\t5\t{t}" for t in range(6)]
-    (root / "r.inter").write_text("\n".join(lines) + "\n")
-    items = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
-    items += [f"{i}\tFilm{i}\t1990\t{'Drama' if i % 2 else 'Comedy'}" for i in range(1, 31)]
-    (root / "r.item").write_text("\n".join(items) + "\n")
-    return root
+    return write_ring(tmp_path_factory.mktemp("teach"), "r", users=40, n_items=30, seed=1)
 
 
 def slim_run_overrides(root: Path, student: str, name: str, epochs: int = 2) -> list[str]:

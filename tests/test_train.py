@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from slim_ray.config import load_config
 from slim_ray.errors import DataError
 from slim_ray.prepare import run_prepare
 from slim_ray.train import run_evaluate, run_train, training_table
+from conftest import write_ring  # tests/ is on sys.path (pytest rootdir)
 
 TINY_SASREC = "train.model={hidden_size: 16, inner_size: 32, n_layers: 1, hidden_dropout: 0.1, attn_dropout: 0.1}"
 
@@ -18,16 +18,8 @@ TINY_SASREC = "train.model={hidden_size: 16, inner_size: 32, n_layers: 1, hidden
 @pytest.fixture(scope="module")
 def pattern_run(tmp_path_factory):
     """60 users walking the item ring (i -> i+1): a pattern every backbone can learn."""
-    root = tmp_path_factory.mktemp("pattern")
-    rng = np.random.default_rng(0)
-    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
-    for user in range(60):
-        start, length = rng.integers(1, 25), rng.integers(6, 10)
-        lines += [f"u{user}\t{(start + t) % 25 + 1}\t5\t{t}" for t in range(length)]
-    (root / "ring.inter").write_text("\n".join(lines) + "\n")
-    items = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
-    items += [f"{i}\tMovie{i}\t1990\tDrama" for i in range(1, 26)]
-    (root / "ring.item").write_text("\n".join(items) + "\n")
+    root = write_ring(tmp_path_factory.mktemp("pattern"), "ring", users=60, n_items=25, seed=0, length=(6, 10),
+                      title="Movie", genres=("Drama",))
     base = [f"data.interactions={root / 'ring.inter'}", f"data.items={root / 'ring.item'}",
             "data.max_len=8", "ray.object_store_memory_mb=100", "train.batch_size=32", "train.lr=0.01",
             "train.eval_negatives=10", "train.patience=10", TINY_SASREC]
