@@ -164,15 +164,16 @@ def student_path(cfg: Config) -> str:
     return str(path)
 
 
-def _ids(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
-    return frame[columns].astype(str).agg("|".join, axis=1) if len(frame) else pd.Series([], dtype=str)
+def _in(frame: pd.DataFrame, other: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """Which rows of `frame` have their `columns` values in some row of `other`."""
+    return pd.MultiIndex.from_frame(frame[columns]).isin(pd.MultiIndex.from_frame(other[columns]))
 
 
 def unchanged(old: pd.DataFrame | None, wanted: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """Rows of the previous output whose identity and content key are still wanted as they are."""
     if old is None or not len(old):
         return wanted.iloc[:0]
-    return old[_ids(old, columns).isin(set(_ids(wanted, columns)))].reset_index(drop=True)
+    return old[_in(old, wanted, columns)].reset_index(drop=True)
 
 
 def previous_output(out_dir: Path, name: str) -> pd.DataFrame | None:
@@ -195,13 +196,20 @@ def run_backfill(cfg: Config) -> dict:
 
     old_rows, old_items = previous_output(out_dir, "rationales"), previous_output(out_dir, "items")
     reused = unchanged(old_rows, requests, ["user_id", "split", "key"])
-    todo = requests[~_ids(requests, ["user_id", "split"]).isin(_ids(reused, ["user_id", "split"]))]
+    todo = requests[~_in(requests, reused, ["user_id", "split"])]
     reused_items = unchanged(old_items, items, ["item_id", "key"])
     todo_items = items[~items["item_id"].isin(reused_items["item_id"])]
 
     start = time.perf_counter()
     threads = bc.cpus_per_actor
-    encoder_kwargs = {"encoder": bc.encoder, "threads": threads, "batch_size": bc.encoder_batch_size}
+
+    def encode(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+        return ray.data.from_pandas(frame).map_batches(
+            EncoderActor, batch_format="pandas", batch_size=bc.encoder_batch_size * 4, concurrency=1,
+            num_cpus=threads, fn_constructor_kwargs={"encoder": bc.encoder, "threads": threads,
+                                                     "batch_size": bc.encoder_batch_size, "columns": columns},
+        ).to_pandas()
+
     new_rows, new_items = todo.iloc[:0], todo_items.iloc[:0]
     with ray_session(cfg.ray, env={"OMP_NUM_THREADS": str(threads)}):
         if len(todo):
@@ -215,15 +223,9 @@ def run_backfill(cfg: Config) -> dict:
                     "max_new_tokens": bc.max_new_tokens, "cache_dir": str((out_dir.parent / "backfill_cache").resolve()),
                     "use_gpu": bc.gpus_per_actor > 0, "kv_cache_gb": bc.vllm_kv_cache_gb},
             ).materialize()  # generation finishes (and frees its CPUs) before the encoder starts
-            new_rows = with_steps(generated.to_pandas())
-            new_rows = ray.data.from_pandas(new_rows).map_batches(
-                EncoderActor, batch_format="pandas", batch_size=bc.encoder_batch_size * 4, concurrency=1,
-                num_cpus=threads, fn_constructor_kwargs={**encoder_kwargs, "columns": TEXT_COLUMNS}).to_pandas()
+            new_rows = encode(with_steps(generated.to_pandas()), TEXT_COLUMNS)
         if len(todo_items):
-            new_items = ray.data.from_pandas(todo_items).map_batches(
-                EncoderActor, batch_format="pandas", batch_size=bc.encoder_batch_size * 4, concurrency=1,
-                num_cpus=threads, fn_constructor_kwargs={**encoder_kwargs, "columns": {"embedding": "text"}},
-            ).to_pandas()
+            new_items = encode(todo_items, {"embedding": "text"})
     wall_s = time.perf_counter() - start
 
     rows = combine(reused, new_rows, list(TEXT_COLUMNS), ["user_id", "split"])

@@ -7,9 +7,9 @@
   IndexCore        ANN search with a prefilter on seen items; checks out the newest table version
                    before each search, so a re-index swaps in atomically and requests never fail
   StudentCore      the distilled student + text encoder for fresh rationales
-The *Core classes are plain Python (tested without Ray); `build_app` wraps each in a Serve deployment
+The *Core classes are plain Python (tested without Ray); slim_ray/serve_app.py wraps each in a Serve deployment
 with autoscaling and puts a FastAPI ingress in front (OpenAPI at /docs). Deploy with
-`serve run serve_configs/recommend.yaml` or `slim-ray serve`.
+`serve run serve_configs/recommend.yaml` (or `serve deploy`, or the RayService in cluster/kuberay).
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ class IndexCore:
 
 class RecommenderCore:
     def __init__(self, cfg: Config):
+        from slim_ray.fusion import uses_rationale
         from slim_ray.train import fusion_vectors, load_trained
 
         self.cfg = cfg
@@ -96,7 +97,7 @@ class RecommenderCore:
         self.user_row = {str(u): i for i, u in enumerate(sequences["raw_user_id"])}
         self.sequences = sequences
         self.model, self.meta = load_trained(cfg.model_dir())
-        self.needs_rationale = self.meta.get("fusion", "none") in ("slim", "text_match")
+        self.needs_rationale = uses_rationale(self.meta.get("fusion", "none"))
         self.rationales = cached_rationales(cfg)
         _, user_text = fusion_vectors(cfg, self.meta["n_items"], len(sequences) + 1)
         self.user_text = None if user_text is None else user_text["test"]  # the newest prefix's rationale
@@ -139,11 +140,10 @@ def cached_rationales(cfg: Config) -> dict[int, dict]:
     path = cfg.run.output_dir / "backfill" / "rationales.parquet"
     if not path.is_file():
         return {}
-    rows = pd.read_parquet(path, columns=["user_id", "split", "rationale", "history_ids", "model_version"])
+    rows = pd.read_parquet(path, columns=["user_id", "split", "rationale", "model_version"])
     rows["order"] = rows["split"].map({"train": 0, "valid": 1, "test": 2})
     newest = rows.sort_values("order").groupby("user_id").tail(1)
-    return {int(r.user_id): {"rationale": r.rationale, "history_ids": [int(i) for i in r.history_ids],
-                             "model_version": r.model_version} for r in newest.itertuples()}
+    return {int(r.user_id): {"rationale": r.rationale, "model_version": r.model_version} for r in newest.itertuples()}
 
 
 class StudentCore:
