@@ -355,24 +355,55 @@ def print_exchanges(exchanges: dict) -> None:
 
 
 @app.command()
-def pipeline(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
-    """Run every stage end to end on one config (the README's run command)."""
+def index(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+          backbone: Optional[str] = BackboneOpt, fusion: Optional[str] = FusionOpt) -> None:
+    """Write a trained model's item vectors to LanceDB (new table version) and build the ANN index."""
+    from slim_ray.serve import build_index
+
+    _guard(lambda: print_index(build_index(_config(config, overrides, **{"train.backbone": backbone,
+                                                                          "train.fusion": fusion}))))
+
+
+@app.command()
+def pipeline(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    fresh: bool = typer.Option(False, help="Ignore RUN_DIR/manifest.json and run every stage."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Re-run this stage and every later one."),
+) -> None:
+    """Run every stage end to end on one config (the README's run command); stages whose config and
+    inputs are unchanged since a finished run are skipped. Ends with RUN_DIR/report/report.md."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     from slim_ray.pipeline import run_pipeline
+    from slim_ray.report import write_report
 
     printers = {"prepare": print_stats, "evaluate": print_eval, "teach": print_ledger, "distill": print_distill,
                 "evaluate-rationales": print_quality, "backfill": print_backfill, "evaluate-slim": print_eval,
                 "compare": print_compare, "index": print_index, "serve-demo": print_exchanges,
                 "train": print_trained, "train-slim": print_trained}
+    bars = Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description:<28}"),
+                    BarColumn(), TimeElapsedColumn(), console=console)
+    tasks: dict[str, int] = {}
 
-    def report(stage: str, result: dict) -> None:
-        console.rule(f"[bold]{stage}")
-        printers[stage](result)
+    def progress(stage: str, event: str) -> None:
+        if event == "start":
+            console.rule(f"[bold]{stage}")
+            tasks[stage] = bars.add_task(stage, total=1)
+        elif event == "done":
+            bars.update(tasks[stage], completed=1)
+            bars.stop_task(tasks[stage])
+        else:  # skipped: up to date in RUN_DIR/manifest.json
+            bars.stop_task(bars.add_task(f"{stage} (up to date)", total=1, completed=1))
 
     def action() -> None:
         cfg = _config(config, overrides)
-        walls = run_pipeline(cfg, report)
+        with bars:
+            manifest = run_pipeline(cfg, lambda stage, result: printers[stage](result), progress,
+                                    fresh=fresh, from_stage=from_stage)
+        walls = {name: 0.0 if s["skipped"] else s["wall_s"] for name, s in manifest["stages"].items()}
         console.print("stage wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in walls.items()))
-        console.print(f"outputs under [bold]{cfg.run.output_dir}[/]")
+        console.print(f"outputs under [bold]{cfg.run.output_dir}[/], report: [bold]{write_report(cfg.run.output_dir)}")
 
     _guard(action)
 

@@ -1,0 +1,143 @@
+"""A real 2-node Ray cluster on this machine (`ray start --head` + `ray start --address`), the whole
+pipeline submitted with `ray job submit`, and the worker node killed while the backfill runs on it.
+
+Only processes of this cluster are touched: everything is found through the cluster's own temp dir and
+ports, and killed by PID (never `ray stop`, which would kill every Ray instance on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import yaml
+
+from slim_ray.fault_server import FaultServer
+from slim_ray.serve_app import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _ports(*names: str) -> dict[str, int]:
+    return {name: free_port() for name in names}
+
+
+def _start_node(args: list[str], env: dict) -> None:
+    subprocess.run([RAY, "start", "--disable-usage-stats", *args], env=env, check=True, capture_output=True,
+                   timeout=120)
+
+
+def _kill_tree(proc: psutil.Process) -> None:
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _processes_with(text: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(text in part for part in (p.info["cmdline"] or [])):
+            found.append(p)
+    return found
+
+
+def _pipeline_config(root: Path, student: str, teacher_url: str) -> Path:
+    run = {
+        "run": {"output_dir": str(root / "run")},
+        "ray": {"object_store_memory_mb": 100},
+        "data": {"interactions": str(root / "r.inter"), "items": str(root / "r.item")},
+        "train": {"epochs": 2, "batch_size": 32, "eval_negatives": 10, "cpus_per_worker": 1,
+                  "model": {"hidden_size": 16, "inner_size": 32, "n_layers": 1}},
+        "teacher": {"base_url": teacher_url, "model": "fault-model", "launch_local": False, "num_samples": 24,
+                    "n_candidates": 5, "num_actors": 1, "concurrency": 4, "timeout_s": 5},
+        "distill": {"base_model": student, "strategy": "ddp", "epochs": 1, "batch_size": 4, "cpus_per_worker": 1,
+                    "eval_users": 4, "max_new_tokens": 16},
+        # Two student actors of one CPU on two nodes of two CPUs (Ray Data spreads them): one is on the
+        # worker node when it dies, and the head has room to restart it.
+        "backfill": {"engine": "hf", "max_new_tokens": 48, "batch_size": 2, "num_actors": 2, "cpus_per_actor": 1},
+    }
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(run))
+    return path
+
+
+@pytest.mark.slow
+def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tiny_student):
+    from conftest import write_ring
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state import list_actors, list_nodes
+
+    write_ring(tmp_path, "r", users=40, n_items=30, seed=3)
+    temp_dir = tempfile.mkdtemp(prefix="srmn", dir="/tmp")  # short: Ray's socket paths have a length limit
+    head = _ports("port", "dashboard", "client", "agent", "agent_grpc", "metrics", "runtime_env")
+    worker = _ports("node_manager", "agent", "agent_grpc", "metrics", "runtime_env")
+    env = {**os.environ, "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    dashboard = f"http://127.0.0.1:{head['dashboard']}"
+    try:
+        _start_node(["--head", "--node-ip-address=127.0.0.1", f"--port={head['port']}", "--num-cpus=2",
+                     f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={head['dashboard']}", f"--ray-client-server-port={head['client']}",
+                     f"--dashboard-agent-listen-port={head['agent']}", f"--dashboard-agent-grpc-port={head['agent_grpc']}",
+                     f"--metrics-export-port={head['metrics']}", f"--runtime-env-agent-port={head['runtime_env']}",
+                     "--object-store-memory=150000000"], env)
+        _start_node([f"--address=127.0.0.1:{head['port']}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                     f"--node-manager-port={worker['node_manager']}", f"--dashboard-agent-listen-port={worker['agent']}",
+                     f"--dashboard-agent-grpc-port={worker['agent_grpc']}", f"--metrics-export-port={worker['metrics']}",
+                     f"--runtime-env-agent-port={worker['runtime_env']}", "--object-store-memory=150000000"], env)
+        nodes = list_nodes(address=dashboard)
+        assert len([n for n in nodes if n.state == "ALIVE"]) == 2
+        worker_node = next(n.node_id for n in nodes if not n.is_head_node)
+
+        with FaultServer(scripts=[[]]) as teacher:
+            config = _pipeline_config(tmp_path, tiny_student[0], teacher.base_url)
+            runtime_env = {"excludes": [".git", ".venv", "runs", "bench", ".bench-venv-recbole"]}
+            submitted = subprocess.run(
+                [RAY, "job", "submit", f"--address={dashboard}", "--no-wait", f"--working-dir={REPO}",
+                 f"--runtime-env-json={json.dumps(runtime_env)}", "--",
+                 sys.executable, "-m", "jobs.pipeline", "--config", str(config)],
+                env=env, check=True, capture_output=True, text=True, timeout=120)
+            job_id = next(w for w in submitted.stdout.split() if w.startswith("raysubmit_"))
+            client = JobSubmissionClient(dashboard)
+            backfill_out = tmp_path / "run" / "backfill" / "rationales.parquet"
+
+            killed_mid_backfill, deadline = False, time.time() + 600
+            while time.time() < deadline and client.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING):
+                students = [a for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
+                            if "StudentActor" in a.class_name and a.node_id == worker_node]
+                if students and not killed_mid_backfill:
+                    assert not backfill_out.exists()
+                    raylets = [p for p in _processes_with(f"--node_manager_port={worker['node_manager']}")
+                               if "raylet" in p.name()]
+                    assert len(raylets) == 1
+                    _kill_tree(raylets[0])  # the node and every worker process on it
+                    killed_mid_backfill = True
+                time.sleep(0.3)
+            status, logs = client.get_job_status(job_id), client.get_job_logs(job_id)
+            assert status == JobStatus.SUCCEEDED, logs[-4000:]
+        assert killed_mid_backfill, "the backfill never ran an actor on the worker node"
+        assert not any(n.state == "ALIVE" for n in list_nodes(address=dashboard) if n.node_id == worker_node)
+
+        rows = pd.read_parquet(backfill_out)
+        users = pd.read_parquet(tmp_path / "run" / "prepared" / "sequences.parquet")["user_id"]
+        assert rows["user_id"].is_unique and set(rows["user_id"]) == set(users)  # every user exactly once
+        manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+        assert list(manifest["stages"])[-1] == "serve-demo" and not any(s["skipped"] for s in manifest["stages"].values())
+        assert manifest["stages"]["serve-demo"]["result"]["known user"]["status"] == 200
+        assert "report.md" in logs and (tmp_path / "run" / "report" / "metrics.png").is_file()
+    finally:
+        for proc in _processes_with(temp_dir):
+            _kill_tree(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
