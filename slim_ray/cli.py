@@ -6,7 +6,6 @@ stage-specific flags are shortcuts for the most used overrides.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -14,10 +13,11 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from slim_ray.config import Config, load_config
 from slim_ray.errors import ConfigError, SlimRayError
+from slim_ray.printing import (console, print_backfill, print_compare, print_distill, print_eval, print_exchanges,
+                               print_index, print_ledger, print_quality, print_stats, print_trained)
 
 app = typer.Typer(
     help="SLIM on Ray: distil LLM rationales into a small LM and fuse them into sequential "
@@ -26,7 +26,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (default: built-in ML-100k).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config value: section.key=value "
@@ -46,19 +45,6 @@ def _guard(action: Callable[[], None]) -> None:
     except SlimRayError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-
-
-def print_stats(stats: dict) -> None:
-    table = Table(title=f"Dataset statistics ({stats['domain']})")
-    table.add_column("")
-    table.add_column("before filtering", justify="right")
-    table.add_column("after filtering", justify="right")
-    before, after = stats["before_filtering"], stats["after_filtering"]
-    for key in ("users", "items", "interactions"):
-        table.add_row(key, f"{before[key]:,}", f"{after[key]:,}")
-    table.add_row("density", f"{before['density']:.4%}", f"{after['density']:.4%}")
-    table.add_row("avg sequence length", "", f"{after['avg_seq_len']:.1f}")
-    console.print(table)
 
 
 @app.command()
@@ -95,25 +81,6 @@ def prepare(
         console.print(f"prepared dataset written to [bold]{cfg.prepared_dir}[/]")
 
     _guard(action)
-
-
-def print_eval(report: dict) -> None:
-    negatives = report["protocol"]["negatives"]
-    masking = "masks" if report["protocol"]["full_ranking_masks_history"] else "does not mask"
-    table = Table(title=f"{report.get('model', report['backbone'])} on {report['split']} ({report['users']} users; full ranking "
-                  f"{masking} history items)")
-    table.add_column("protocol")
-    for metric in ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10"):
-        table.add_column(metric.upper(), justify="right")
-    cold = report["cold"]
-    rows = [("full ranking", report["full"]), (f"sampled {negatives} negatives", report[f"sampled{negatives}"]),
-            (f"cold items ({cold['users']} users)", cold)]
-    for name, values in rows:
-        table.add_row(name, *(f"{values[m]:.4f}" if m in values else "-" for m in
-                              ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10")))
-    console.print(table)
-    console.print(f"popularity bias (full ranking): EFD@10 {report['full']['efd@10']:.4f}  "
-                  f"EPC@10 {report['full']['epc@10']:.4f}")
 
 
 BackboneOpt = typer.Option(None, help="SASRec | GRU4Rec | SRGNN (train.backbone).")
@@ -175,23 +142,6 @@ def evaluate(
         print_eval(run_evaluate(cfg, split=split, mask_history=mask_history))
 
     _guard(action)
-
-
-def print_ledger(ledger: dict) -> None:
-    table = Table(title=f"Teacher ledger ({ledger['model']})")
-    table.add_column("")
-    table.add_column("value", justify="right")
-    for key in ("rows", "rationales", "failures", "from_cache", "requests", "retries", "prompt_tokens",
-                "completion_tokens", "truncated", "flagged_history_item", "flagged_unknown_item"):
-        table.add_row(key.replace("_", " "), f"{ledger[key]:,}")
-    table.add_row("parse rate (3 steps)", f"{ledger['parse_rate']:.1%}")
-    table.add_row("estimated cost", f"${ledger['estimated_cost_usd']:.4f}")
-    table.add_row("rationales / min (fresh calls)", f"{ledger['rationales_per_min']:.2f}")
-    table.add_row("wall time", f"{ledger['wall_s']:.0f} s")
-    console.print(table)
-    for label, key in (("failures", "failures_by_reason"), ("retries", "retries_by_reason")):
-        if ledger[key]:
-            console.print(f"{label} by reason: " + ", ".join(f"{k} {v}" for k, v in ledger[key].items()))
 
 
 @app.command()
@@ -268,27 +218,6 @@ def distill(
     _guard(action)
 
 
-def print_distill(meta: dict) -> None:
-    table = Table(title=f"Distillation ({meta['train_rows']} rationales, {meta['train_users']} users)")
-    for column in ("epoch", "train loss", "valid loss", "epoch s"):
-        table.add_column(column, justify="right")
-    for h in meta["history"]:
-        table.add_row(str(h["epoch"]), f"{h['train_loss']:.4f}", f"{h['valid_loss']:.4f}", f"{h['epoch_s']:.0f}")
-    console.print(table)
-    console.print(f"best epoch {meta['best_epoch']} (valid loss {meta['valid_loss']:.4f})")
-
-
-def print_quality(report: dict) -> None:
-    table = Table(title=f"Rationale quality on {report['teacher']['users']} held-out users")
-    table.add_column("")
-    for column in ("format valid", "category hit", "grounding"):
-        table.add_column(column, justify="right")
-    for name in ("teacher", "untuned", "tuned"):
-        r = report[name]
-        table.add_row(name, f"{r['format_valid']:.3f}", f"{r['category_hit']:.3f}", f"{r['grounding']:.3f}")
-    console.print(table)
-
-
 @app.command("evaluate-rationales")
 def evaluate_rationales(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Teacher vs untuned vs tuned student on held-out users: format, step-2 category hit, grounding."""
@@ -315,43 +244,6 @@ def backfill(
         print_backfill(run_backfill(cfg))
 
     _guard(action)
-
-
-def print_backfill(manifest: dict) -> None:
-    table = Table(title=f"Backfill ({manifest['engine']}, student {manifest['model_version']})")
-    for column in ("rows", "users", "generated", "from cache", "reused", "items encoded", "parse rate", "tok/s"):
-        table.add_column(column, justify="right")
-    speed = f"{manifest['tokens_per_s']:.1f}" if manifest["tokens_per_s"] else "-"
-    table.add_row(*(str(manifest[k]) for k in ("rows", "users", "generated", "from_cache", "reused",
-                                                "items_encoded")), f"{manifest['parse_rate']:.1%}", speed)
-    console.print(table)
-    console.print(f"LanceDB {manifest['lancedb']['uri']}: table versions {manifest['lancedb']['versions']}")
-
-
-def print_compare(result: dict) -> None:
-    table = Table(title=f"{result['base_model']} vs {result['slim_model']} (test, full ranking)")
-    for column in ("metric", "base", "SLIM", "relative gain"):
-        table.add_column(column, justify="right")
-    for metric, r in result["metrics"].items():
-        gain = f"{r['gain']:+.1%}" if r["gain"] is not None else "-"
-        table.add_row(metric.upper(), f"{r['base']:.4f}", f"{r['slim']:.4f}", gain)
-    console.print(table)
-
-
-def print_trained(meta: dict) -> None:
-    console.print(f"{meta['name']}: best epoch {meta['best_epoch']} of {meta['epochs_run']} "
-                  f"(valid NDCG@10 {meta['valid_ndcg@10']:.4f})")
-
-
-def print_index(manifest: dict) -> None:
-    console.print(f"LanceDB item_index: {manifest['rows']} items of {manifest['model']}, {manifest['index_type']} "
-                  f"({manifest['metric']}), table version {manifest['table_version']}")
-
-
-def print_exchanges(exchanges: dict) -> None:
-    for name, exchange in exchanges.items():
-        console.print(f"[bold]{name}[/]: POST /v1/recommend {json.dumps(exchange['request'])} -> {exchange['status']}")
-        console.print_json(json.dumps(exchange["response"]))
 
 
 @app.command()

@@ -11,6 +11,7 @@ vLLM can load), meta.json (loss curves, held-out users).
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shutil
 import time
@@ -62,9 +63,13 @@ def split_users(rows: pd.DataFrame, valid_fraction: float, seed: int, only_parse
 
 
 def training_target(row) -> str:
-    """The teacher's rationale, normalised to the three labelled steps when it parsed."""
+    """The teacher's rationale, normalised to the three labelled steps when it parsed. Step 3 drops the
+    "[genre, ...]" tags the teacher copies from the candidate list: they repeat step 2, make step 3 about
+    60% of the tokens, and every token the student learns to write is paid again for every user in the
+    backfill."""
     steps = list(row["steps"]) if row.get("steps") is not None else []
     if row.get("parsed") and len(steps) == 3:
+        steps[2] = re.sub(r"[ \t]*\[[^\]\n]*\]", "", steps[2])
         return "\n".join(f"Step {i}: {step}" for i, step in enumerate(steps, start=1))
     return str(row["rationale"]).strip()
 

@@ -81,7 +81,7 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(state["epoch"] + 1, tc.epochs + 1):
         torch.manual_seed(config["seed"] + 1000 * epoch + rank)  # dropout differs per rank/epoch
         engine.train()
-        total, steps = 0.0, 0
+        total, steps, epoch_start = 0.0, 0, time.perf_counter()
         for batch in shard.iter_torch_batches(
                 batch_size=micro_batch, local_shuffle_buffer_size=tc.shuffle_buffer or None,
                 local_shuffle_seed=config["seed"] + epoch, device=engine.device):
@@ -90,6 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
             loss = engine(batch)
             engine.step(loss)
             total, steps = total + loss.item(), steps + 1
+        train_s = time.perf_counter() - epoch_start
         with engine.full_parameters():
             weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
         # Every rank scores the whole (small) valid split on a plain copy: ZeRO-3's hooks would
@@ -102,7 +103,8 @@ def train_loop_per_worker(config: dict) -> None:
         state["epoch"] = epoch
         early_stopping(state, valid["full"]["ndcg@10"])
         metrics = {"epoch": epoch, "train_loss": total / max(steps, 1), SELECT_METRIC: valid["full"]["ndcg@10"],
-                   "valid_hr@10": valid["full"]["hr@10"], "steps": steps}
+                   "valid_hr@10": valid["full"]["hr@10"], "steps": steps, "train_s": round(train_s, 1),
+                   "valid_s": round(time.perf_counter() - epoch_start - train_s, 1)}
         state["history"].append(metrics)
         report_epoch(engine, metrics, state, lambda folder: torch.save(weights, folder / "model.pt"))
         if state["bad_epochs"] >= tc.patience:

@@ -47,6 +47,8 @@ def test_split_users_and_targets():
     row = {"parsed": True, "steps": ["a", "b", "c"], "rationale": "Sure! Step 1: a ..."}
     assert training_target(row) == "Step 1: a\nStep 2: b\nStep 3: c"
     assert training_target({**row, "parsed": False}) == "Sure! Step 1: a ..."
+    tagged = {**row, "steps": ["a", "Drama", "- Heat (1995) [Action, Crime]\n- Casino (1995) [Drama]"]}
+    assert training_target(tagged) == "Step 1: a\nStep 2: Drama\nStep 3: - Heat (1995)\n- Casino (1995)"
 
 
 def test_score_rationales_hand_computed():
