@@ -294,8 +294,9 @@ def pipeline(
             manifest = run_pipeline(cfg, lambda stage, result: printers[stage](result), progress,
                                     fresh=fresh, from_stage=from_stage)
         walls = {name: 0.0 if s["skipped"] else s["wall_s"] for name, s in manifest["stages"].items()}
-        console.print("stage wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in walls.items()))
-        console.print(f"outputs under [bold]{cfg.run.output_dir}[/], report: [bold]{write_report(cfg.run.output_dir)}")
+        console.print("stage wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in walls.items()), soft_wrap=True)
+        console.print(f"outputs under [bold]{cfg.run.output_dir}[/], report: [bold]{write_report(cfg.run.output_dir)}",
+                      soft_wrap=True)
 
     _guard(action)
 

@@ -33,7 +33,7 @@ def resolve_address(cfg: RayConfig) -> str | None:
 
 @contextmanager
 def ray_session(cfg: RayConfig, env: dict[str, str] | None = None) -> Iterator[dict]:
-    """Yields a dict describing the session; shuts Ray down afterwards only if we started it."""
+    """Yields a dict describing the session; shuts Ray down afterwards only if it started a local one."""
     import ray
 
     if ray.is_initialized():
@@ -42,26 +42,27 @@ def ray_session(cfg: RayConfig, env: dict[str, str] | None = None) -> Iterator[d
     os.environ.update(WORKER_ENV)
     quiet = {} if cfg.verbose else {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_DEDUP_LOGS": "1"}
     os.environ.update(quiet)
-    runtime_env = {"env_vars": {**WORKER_ENV, **quiet, **(env or {})}}
     logging = {"log_to_driver": cfg.verbose, "logging_level": "INFO" if cfg.verbose else "WARNING"}
     address = resolve_address(cfg)
     if address:
-        ray.init(address=address, runtime_env=runtime_env, **logging)
+        # Joining a cluster (a `ray job submit` driver, a notebook): connect once per process and stay
+        # connected; later stages reuse the connection (the early return above). Disconnecting would end
+        # the driver's job, and Ray would delete the job's working_dir copy (this process's cwd and
+        # code) under the next stage. Stage-specific env goes to the stage's own workers instead
+        # (Ray Train's worker_runtime_env; actors get their threads from num_cpus).
+        ray.init(address=address, runtime_env={"env_vars": {**WORKER_ENV, **quiet}}, **logging)
     else:
-        ray.init(
-            address="local",
-            num_cpus=cfg.num_cpus,
-            object_store_memory=cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None,
-            include_dashboard=False,
-            _temp_dir=cfg.temp_dir,
-            runtime_env=runtime_env,
-            **logging,
-        )
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, _temp_dir=cfg.temp_dir,
+                 object_store_memory=cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None,
+                 runtime_env={"env_vars": {**WORKER_ENV, **quiet, **(env or {})}}, **logging)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = cfg.verbose
+    session = {"address": ray.get_runtime_context().gcs_address, "started_here": not address, "local": not address}
+    if address:
+        yield session
+        return
     try:
-        yield {"address": ray.get_runtime_context().gcs_address, "started_here": True,
-               "local": address is None}
+        yield session
     finally:
         ray.shutdown()

@@ -63,6 +63,9 @@ def build_index(cfg: Config) -> dict:
     return manifest
 
 
+REFINE_FACTOR = 5
+
+
 class IndexCore:
     def __init__(self, uri: str):
         import lancedb
@@ -74,8 +77,9 @@ class IndexCore:
         query = self.table.search(np.asarray(vector, dtype=np.float32)).distance_type("dot").limit(k)
         if exclude:
             query = query.where(f"item_id NOT IN ({', '.join(str(int(i)) for i in exclude)})", prefilter=True)
-        if exact:
-            query = query.bypass_vector_index()
+        # The index scores scalar-quantized vectors (recall@10 0.905 alone here): re-rank its top
+        # REFINE_FACTOR x k candidates with the full vectors.
+        query = query.bypass_vector_index() if exact else query.refine_factor(REFINE_FACTOR)
         hits = query.select(["item_id", "raw_id", "title"]).to_list()
         # LanceDB's "dot" distance is 1 - dot product: report the model's score itself
         return {"items": [{"item_id": int(h["item_id"]), "raw_id": str(h["raw_id"]), "title": h["title"],

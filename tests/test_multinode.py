@@ -34,8 +34,9 @@ def _ports(*names: str) -> dict[str, int]:
 
 
 def _start_node(args: list[str], env: dict) -> None:
-    subprocess.run([RAY, "start", "--disable-usage-stats", *args], env=env, check=True, capture_output=True,
-                   timeout=120)
+    done = subprocess.run([RAY, "start", "--disable-usage-stats", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, f"ray start {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
 def _kill_tree(proc: psutil.Process) -> None:
@@ -75,25 +76,31 @@ def _pipeline_config(root: Path, student: str, teacher_url: str) -> Path:
 
 
 @pytest.mark.slow
-def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tiny_student):
+def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tiny_student, monkeypatch):
     from conftest import write_ring
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors, list_nodes
 
     write_ring(tmp_path, "r", users=40, n_items=30, seed=3)
-    temp_dir = tempfile.mkdtemp(prefix="srmn", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # Short paths (Ray's socket paths have a length limit), one per node: nodes on one machine sharing a
+    # temp dir would share runtime_resources/, and one node's cleanup would delete the other's job files.
+    temp_dirs = [tempfile.mkdtemp(prefix="srmn", dir="/tmp") for _ in range(2)]
     head = _ports("port", "dashboard", "client", "agent", "agent_grpc", "metrics", "runtime_env")
     worker = _ports("node_manager", "agent", "agent_grpc", "metrics", "runtime_env")
+    # A loopback-only test cluster: no token auth (a real cluster keeps Ray's token auth on and ships
+    # the token to every node and client).
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     env = {**os.environ, "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     dashboard = f"http://127.0.0.1:{head['dashboard']}"
     try:
         _start_node(["--head", "--node-ip-address=127.0.0.1", f"--port={head['port']}", "--num-cpus=2",
-                     f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                     f"--temp-dir={temp_dirs[0]}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                      f"--dashboard-port={head['dashboard']}", f"--ray-client-server-port={head['client']}",
                      f"--dashboard-agent-listen-port={head['agent']}", f"--dashboard-agent-grpc-port={head['agent_grpc']}",
                      f"--metrics-export-port={head['metrics']}", f"--runtime-env-agent-port={head['runtime_env']}",
                      "--object-store-memory=150000000"], env)
         _start_node([f"--address=127.0.0.1:{head['port']}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                     f"--temp-dir={temp_dirs[1]}",
                      f"--node-manager-port={worker['node_manager']}", f"--dashboard-agent-listen-port={worker['agent']}",
                      f"--dashboard-agent-grpc-port={worker['agent_grpc']}", f"--metrics-export-port={worker['metrics']}",
                      f"--runtime-env-agent-port={worker['runtime_env']}", "--object-store-memory=150000000"], env)
@@ -104,12 +111,13 @@ def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tin
         with FaultServer(scripts=[[]]) as teacher:
             config = _pipeline_config(tmp_path, tiny_student[0], teacher.base_url)
             runtime_env = {"excludes": [".git", ".venv", "runs", "bench", ".bench-venv-recbole"]}
-            submitted = subprocess.run(
-                [RAY, "job", "submit", f"--address={dashboard}", "--no-wait", f"--working-dir={REPO}",
+            job_id = f"slim-ray-pipeline-{os.getpid()}"
+            subprocess.run(
+                [RAY, "job", "submit", f"--address={dashboard}", "--no-wait", f"--submission-id={job_id}",
+                 f"--working-dir={REPO}",
                  f"--runtime-env-json={json.dumps(runtime_env)}", "--",
                  sys.executable, "-m", "jobs.pipeline", "--config", str(config)],
                 env=env, check=True, capture_output=True, text=True, timeout=120)
-            job_id = next(w for w in submitted.stdout.split() if w.startswith("raysubmit_"))
             client = JobSubmissionClient(dashboard)
             backfill_out = tmp_path / "run" / "backfill" / "rationales.parquet"
 
@@ -132,12 +140,16 @@ def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tin
 
         rows = pd.read_parquet(backfill_out)
         users = pd.read_parquet(tmp_path / "run" / "prepared" / "sequences.parquet")["user_id"]
-        assert rows["user_id"].is_unique and set(rows["user_id"]) == set(users)  # every user exactly once
+        # every (user, split prefix) exactly once, every user present
+        assert not rows.duplicated(["user_id", "split"]).any() and set(rows["user_id"]) == set(users)
+        assert len(rows) == 3 * len(users)  # train, valid and test prefixes (6-item ring histories)
         manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
         assert list(manifest["stages"])[-1] == "serve-demo" and not any(s["skipped"] for s in manifest["stages"].values())
         assert manifest["stages"]["serve-demo"]["result"]["known user"]["status"] == 200
-        assert "report.md" in logs and (tmp_path / "run" / "report" / "metrics.png").is_file()
+        assert "serve-demo" in logs and (tmp_path / "run" / "report" / "report.md").is_file()
+        assert (tmp_path / "run" / "report" / "metrics.png").is_file()
     finally:
-        for proc in _processes_with(temp_dir):
-            _kill_tree(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        for temp_dir in temp_dirs:
+            for proc in _processes_with(temp_dir):
+                _kill_tree(proc)
+            shutil.rmtree(temp_dir, ignore_errors=True)
