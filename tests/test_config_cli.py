@@ -17,7 +17,7 @@ runner = CliRunner()
 def test_default_yaml_loads_and_keeps_model_defaults_for_data():
     cfg = load_config(REPO / "configs" / "ml100k.yaml")
     assert cfg.data == Config().data and cfg.run == Config().run
-    assert cfg.train.backbone == "SASRec" and cfg.train.epochs == 5 and cfg.train.cpus_per_worker == 2
+    assert cfg.train.backbone == "SASRec" and cfg.train.epochs == 3 and cfg.train.cpus_per_worker == 2
 
 
 def test_overrides_parse_yaml_values(tmp_path):
