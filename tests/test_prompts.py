@@ -22,7 +22,7 @@ def test_teacher_prompt_has_history_candidates_and_three_steps():
     messages = teacher_messages(ITEMS[:1], ITEMS[1:], "movies", 5, ["Comedy", "Crime"])
     text = messages[-1]["content"]
     assert "1. The Usual Suspects (1995) [Crime, Thriller]" in text
-    assert "- Toy Story (1995) [Animation, Comedy]" in text
+    assert "- Toy Story (1995)\n" in text and "[Animation, Comedy]" not in text  # candidates by name
     assert all(f"Step {i}:" in text for i in (1, 2, 3))
     assert "genres" in text and "Choose from: Comedy, Crime." in text
     products = teacher_messages([{**ITEMS[1], "brand": "Pixar"}], [], "products")[-1]["content"]
@@ -30,9 +30,12 @@ def test_teacher_prompt_has_history_candidates_and_three_steps():
 
 
 def test_student_prompt_is_short_and_has_no_candidates():
-    text = student_messages(ITEMS, "movies")[-1]["content"]
+    messages = student_messages(ITEMS, "movies")
+    text = messages[-1]["content"]
     assert "The Usual Suspects" in text and "Toy Story" in text and "Candidate" not in text
     assert len(text) < len(teacher_messages(ITEMS, ITEMS, "movies")[-1]["content"])
+    # the instruction (every prompt's shared prefix) comes before the history
+    assert messages[0] == student_messages(ITEMS[:1], "movies")[0] and "Step 3" in messages[0]["content"]
 
 
 def test_prompt_hash_depends_on_messages_and_params():

@@ -65,9 +65,6 @@ def test_two_workers_train_checkpoint_and_resume(pattern_run, strategy, stage):
     assert resumed["history"][:2] == first["history"]  # epochs 1-2 were not re-run
     assert resumed["history"][3]["train_loss"] < first["history"][1]["train_loss"]
 
-    if strategy == "ddp":  # without --resume the run starts over (same code path for every strategy)
-        fresh = run_train(cfg)
-        assert _epochs(fresh) == [1, 2]
 
 
 @pytest.mark.slow
