@@ -64,27 +64,34 @@ def build_index(cfg: Config) -> dict:
 
 
 REFINE_FACTOR = 5
+HIT_COLUMNS = ["item_id", "raw_id", "title", "_distance"]  # naming _distance silences a per-query warning
 
 
 class IndexCore:
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, refresh_s: float = 1.0):
         import lancedb
 
         self.table = lancedb.connect(uri).open_table(INDEX_TABLE)
+        self.refresh_s, self.checked_at = refresh_s, time.monotonic()
 
     def search(self, vector: list[float], k: int, exclude: list[int], exact: bool = False) -> dict:
-        self.table.checkout_latest()  # a re-index is picked up here, atomically
+        start = time.perf_counter()
+        if start - self.checked_at >= self.refresh_s:
+            # A re-index is picked up here, atomically, within refresh_s (reading the table's
+            # manifest on every request would cost each search a file-system round trip).
+            self.table.checkout_latest()
+            self.checked_at = start
         query = self.table.search(np.asarray(vector, dtype=np.float32)).distance_type("dot").limit(k)
         if exclude:
             query = query.where(f"item_id NOT IN ({', '.join(str(int(i)) for i in exclude)})", prefilter=True)
         # The index scores scalar-quantized vectors (recall@10 0.905 alone here): re-rank its top
         # REFINE_FACTOR x k candidates with the full vectors.
         query = query.bypass_vector_index() if exact else query.refine_factor(REFINE_FACTOR)
-        hits = query.select(["item_id", "raw_id", "title"]).to_list()
+        hits = query.select(HIT_COLUMNS).to_list()
         # LanceDB's "dot" distance is 1 - dot product: report the model's score itself
         return {"items": [{"item_id": int(h["item_id"]), "raw_id": str(h["raw_id"]), "title": h["title"],
                            "score": float(1.0 - h["_distance"])} for h in hits],
-                "index_version": int(self.table.version)}
+                "index_version": int(self.table.version), "search_ms": (time.perf_counter() - start) * 1000}
 
 
 # ---------------------------------------------------------------- recommender
@@ -174,7 +181,14 @@ async def recommend(core: RecommenderCore, explain_fn, search_fn, user_id: str |
                     k: int, exclude_seen: bool, explain: bool) -> dict:
     """The request flow. `explain_fn(history_items)` and `search_fn(vector, k, exclude)` are async:
     Serve handle calls in the app, wrapped plain calls in tests."""
-    start = time.perf_counter()
+    timings, clock = {}, time.perf_counter()
+    start = clock
+
+    def lap(name: str) -> None:  # per-hop milliseconds, returned with the response
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name], clock = (now - clock) * 1000, now
+
     item_ids, known_user = core.resolve(user_id, history)
     if not item_ids:
         raise RequestError(422, "the history is empty")
@@ -183,15 +197,21 @@ async def recommend(core: RecommenderCore, explain_fn, search_fn, user_id: str |
     if cached is not None:
         rationale, source = {"rationale": cached["rationale"], "model_version": cached["model_version"]}, "cached"
         vector_text = core.user_text[known_user] if core.user_text is not None else None
-    elif explain or core.needs_rationale:
+    lap("resolve")
+    if cached is None and (explain or core.needs_rationale):
         fresh = await explain_fn(core.history_items(item_ids))
         vector_text = np.asarray(fresh.pop("vector"), dtype=np.float32)
         rationale, source = fresh, "fresh"
+        lap("student")
     exclude = sorted(set(item_ids)) if exclude_seen else []
-    found = await search_fn(core.user_vector(item_ids, vector_text), k, exclude)
+    vector = core.user_vector(item_ids, vector_text)
+    lap("user_vector")
+    found = await search_fn(vector, k, exclude)
+    lap("search")  # the call to the index (a Serve handle hop in the app) ...
+    timings["index"] = found["search_ms"]  # ... of which LanceDB inside the index replica
     return {"items": found["items"], "explanation": rationale if explain else None,
             "rationale_source": source if explain else None,
             "versions": {"model": core.meta.get("name", core.meta["backbone"]),
                          "student": rationale["model_version"] if rationale else None,
                          "index": found["index_version"]},
-            "latency_ms": (time.perf_counter() - start) * 1000}
+            "latency_ms": (time.perf_counter() - start) * 1000, "timings_ms": timings}

@@ -56,7 +56,9 @@ class RecommendResponse(BaseModel):
     explanation: Optional[dict]
     rationale_source: Optional[str] = Field(description="cached | fresh | null")
     versions: dict
-    latency_ms: float
+    latency_ms: float = Field(description="Time inside the ingress replica.")
+    timings_ms: dict[str, float] = Field(description="Per hop: resolve, student (fresh rationales only), "
+                                         "user_vector, search (the index call), index (LanceDB in it).")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -91,6 +92,7 @@ def test_request_flow_cached_fresh_and_errors(served_run):
     fresh = run(history=["3", "4", "5"])
     assert fresh["rationale_source"] == "fresh" and len(calls) == 1 and fresh["explanation"]["rationale"] is not None
     assert fresh["versions"]["student"] == student.version
+    assert "student" in fresh["timings_ms"] and "student" not in known["timings_ms"]
     for kwargs, status in (({"user_id": "nobody"}, 404), ({"history": ["999"]}, 422), ({"history": []}, 422)):
         with pytest.raises(RequestError) as error:
             run(**kwargs)
@@ -149,8 +151,14 @@ def test_serve_app_endpoints_bad_requests_and_index_swap(served_run):
         done.set()
         worker.join()
         assert not failures
-        after = client.post("/v1/recommend", json={"user_id": "u2", "k": 5}).json()["versions"]["index"]
-        assert after > before
+        deadline = time.time() + 10  # the index replica looks for a new version every second
+        after = client.post("/v1/recommend", json={"user_id": "u2", "k": 5}).json()
+        while after["versions"]["index"] == before and time.time() < deadline:
+            time.sleep(0.2)
+            after = client.post("/v1/recommend", json={"user_id": "u2", "k": 5}).json()
+        assert after["versions"]["index"] > before
+        assert {"resolve", "user_vector", "search", "index"} <= set(after["timings_ms"])
+        assert after["timings_ms"]["index"] <= after["timings_ms"]["search"] <= after["latency_ms"]
         metrics = client.get("/metrics").text
         assert 'slim_requests_total{route="/v1/recommend",status="200"}' in metrics
         assert client.get("/healthz").status_code == 200  # still serving after every bad request
