@@ -72,7 +72,7 @@ class IndexCore:
         import lancedb
 
         self.table = lancedb.connect(uri).open_table(INDEX_TABLE)
-        self.refresh_s, self.checked_at = refresh_s, time.monotonic()
+        self.refresh_s, self.checked_at = refresh_s, time.perf_counter()
 
     def search(self, vector: list[float], k: int, exclude: list[int], exact: bool = False) -> dict:
         start = time.perf_counter()
@@ -181,8 +181,8 @@ async def recommend(core: RecommenderCore, explain_fn, search_fn, user_id: str |
                     k: int, exclude_seen: bool, explain: bool) -> dict:
     """The request flow. `explain_fn(history_items)` and `search_fn(vector, k, exclude)` are async:
     Serve handle calls in the app, wrapped plain calls in tests."""
-    timings, clock = {}, time.perf_counter()
-    start = clock
+    timings, start = {}, time.perf_counter()
+    clock = start
 
     def lap(name: str) -> None:  # per-hop milliseconds, returned with the response
         nonlocal clock

@@ -66,7 +66,6 @@ def test_two_workers_train_checkpoint_and_resume(pattern_run, strategy, stage):
     assert resumed["history"][3]["train_loss"] < first["history"][1]["train_loss"]
 
 
-
 @pytest.mark.slow
 def test_deepspeed_zero3_two_workers(pattern_run):
     cfg = pattern_run("zero3", "train.num_workers=2", "train.strategy=deepspeed", "train.zero_stage=3",
