@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, publish  # noqa: E402
 
@@ -25,8 +27,14 @@ from slim_ray.rationale_quality import run_evaluate_rationales  # noqa: E402
 METRICS = ("format_valid", "category_hit", "grounding")
 
 
-def memory_runs(base: list[str], workdir: Path) -> dict:
-    """One short epoch per strategy with 2 workers; the peak RSS any worker reached."""
+def memory_runs(base: list[str], workdir: Path, rationales: Path, rows: int) -> dict:
+    """One epoch on the first `rows` teacher rows per strategy with 2 workers; the peak RSS any worker
+    reached. Peak memory depends on the model, the micro-batch and the sequence length, not on how
+    many rows an epoch has, so a small slice measures it in minutes."""
+    subset = workdir / "memory_rows.parquet"
+    subset.parent.mkdir(parents=True, exist_ok=True)
+    pd.read_parquet(rationales).head(rows).to_parquet(subset, index=False)
+    base = base + [f"distill.rationales={subset}"]
     peaks = {}
     for name, extra in {"DDP": ["distill.strategy=ddp"],
                         "ZeRO-2": ["distill.strategy=deepspeed", "distill.zero_stage=2"],
@@ -46,11 +54,15 @@ def main() -> None:
     parser.add_argument("--rationales", type=Path, default=ROOT / "bench" / "data" / "teacher_ml100k.parquet")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--memory-rows", type=int, default=48, help="teacher rows per memory run")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config override for the main run, e.g. --set distill.lr=0.001 (repeatable)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_rationales")
     args = parser.parse_args()
 
     base = [f"distill.rationales={args.rationales}", f"distill.epochs={args.epochs}"]
-    cfg = load_config(ROOT / "configs" / "ml100k.yaml", base + [f"run.output_dir={args.workdir / 'main'}"])
+    cfg = load_config(ROOT / "configs" / "ml100k.yaml",
+                      base + args.overrides + [f"run.output_dir={args.workdir / 'main'}"])
     run_prepare(cfg.data, cfg.prepared_dir)
     meta = run_distill(cfg)
     report = run_evaluate_rationales(cfg)
@@ -64,11 +76,13 @@ def main() -> None:
     for name in ("teacher", "untuned", "tuned"):
         lines.append(f"| {name} | {report[name]['format_valid']:.3f} | {report[name]['category_hit']:.3f} | "
                      f"{report[name]['grounding']:.3f} |")
-    notes = (f"{meta['train_rows']} teacher rationales ({meta['train_users']} users) for LoRA r=8 on "
-             f"SmolLM2-135M-Instruct, {args.epochs} epochs, DeepSpeed ZeRO-{meta['zero_stage']}; "
+    dc = cfg.distill
+    notes = (f"{meta['train_rows']} teacher rationales ({meta['train_users']} users) for LoRA r={dc.lora_r} on "
+             f"{', '.join(dc.target_modules)} of SmolLM2-135M-Instruct, lr {dc.lr}, batch {dc.batch_size}, "
+             f"{dc.epochs} epochs (best: {meta['best_epoch']}), DeepSpeed ZeRO-{meta['zero_stage']}; "
              f"{report['teacher']['users']} held-out users scored. Student generation: greedy, HF engine.")
     if args.memory:
-        results["memory"] = memory_runs(base, args.workdir)
+        results["memory"] = memory_runs(base, args.workdir, args.rationales, args.memory_rows)
         lines += ["", "| strategy (2 workers) | peak RSS per worker (MB) | epoch s |", "|---|---|---|"]
         lines += [f"| {k} | {v['peak_rss_mb_per_worker']:.0f} | {v['epoch_s']:.0f} |" for k, v in results["memory"].items()]
     publish("rationales", "Distillation: rationale quality (ML-100k held-out users)", results, "\n".join(lines), notes)

@@ -3,6 +3,9 @@
   python bench/teacher.py --samples 20                      # fault run + local teacher on 20 users
   python bench/teacher.py --samples 300 --export bench/data # larger set for distillation (resumable)
 
+With --export the teacher's response cache lives in bench/data/teacher_cache/ (one small JSON per
+user prompt, committed): an interrupted or later run reuses every answer and only asks for new users.
+
 1. Fault run: ML-100k requests against slim_ray.fault_server (429 + Retry-After, 500s, timeouts,
    malformed JSON, truncated text, permanently failing prompts). Counts rows lost or duplicated.
 2. Local teacher: Qwen2.5-Coder-1.5B-Instruct Q4_K_M on llama.cpp (2 threads), ML-100k users sampled
@@ -45,9 +48,11 @@ def fault_run(workdir: Path, samples: int) -> dict:
                 "server_requests": sum(server.stats()["requests"].values())}
 
 
-def local_run(workdir: Path, samples: int) -> tuple[dict, object]:
-    cfg = load_config(ROOT / "configs" / "ml100k.yaml", [
-        f"run.output_dir={workdir / 'local'}", f"teacher.num_samples={samples}"])
+def local_run(workdir: Path, samples: int, cache_dir: Path | None) -> tuple[dict, object]:
+    overrides = [f"run.output_dir={workdir / 'local'}", f"teacher.num_samples={samples}"]
+    if cache_dir is not None:  # committed with the export: a later session resumes or extends the set
+        overrides.append(f"teacher.cache_dir={cache_dir.resolve()}")
+    cfg = load_config(ROOT / "configs" / "ml100k.yaml", overrides)
     run_prepare(cfg.data, cfg.prepared_dir)
     ledger = run_teach(cfg)
     return ledger, load_rationales(cfg.run.output_dir / "teacher")
@@ -63,7 +68,7 @@ def main() -> None:
 
     faults = fault_run(args.workdir, args.fault_samples)
     print("fault run:", json.dumps(faults), flush=True)
-    ledger, results = local_run(args.workdir, args.samples)
+    ledger, results = local_run(args.workdir, args.samples, args.export / "teacher_cache" if args.export else None)
     print("local teacher:", json.dumps(ledger), flush=True)
     if args.export:
         args.export.mkdir(parents=True, exist_ok=True)
