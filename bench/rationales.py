@@ -52,7 +52,7 @@ def memory_runs(base: list[str], workdir: Path, rationales: Path, rows: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rationales", type=Path, default=ROOT / "bench" / "data" / "teacher_ml100k.parquet")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--memory-rows", type=int, default=48, help="teacher rows per memory run")
     parser.add_argument("--set", dest="overrides", action="append", default=[],

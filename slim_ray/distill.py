@@ -64,12 +64,13 @@ def split_users(rows: pd.DataFrame, valid_fraction: float, seed: int, only_parse
 
 def training_target(row) -> str:
     """The teacher's rationale, normalised to the three labelled steps when it parsed. Step 3 drops the
-    "[genre, ...]" tags the teacher copies from the candidate list: they repeat step 2, make step 3 about
-    60% of the tokens, and every token the student learns to write is paid again for every user in the
-    backfill."""
+    "[genre, ...]" tags the teacher copies from the candidate list (they repeat step 2, and every token
+    the student learns to write is paid again for every user in the backfill) and a heading line such
+    as "Recommended movies from the candidate list:" (the student is shown no candidate list)."""
     steps = list(row["steps"]) if row.get("steps") is not None else []
     if row.get("parsed") and len(steps) == 3:
-        steps[2] = re.sub(r"[ \t]*\[[^\]\n]*\]", "", steps[2])
+        items = re.sub(r"[ \t]*\[[^\]\n]*\]", "", steps[2])
+        steps[2] = re.sub(r"\A[^\n]*:[ \t]*\n\s*", "", items).strip() or items
         return "\n".join(f"Step {i}: {step}" for i, step in enumerate(steps, start=1))
     return str(row["rationale"]).strip()
 

@@ -49,6 +49,9 @@ def test_split_users_and_targets():
     assert training_target({**row, "parsed": False}) == "Sure! Step 1: a ..."
     tagged = {**row, "steps": ["a", "Drama", "- Heat (1995) [Action, Crime]\n- Casino (1995) [Drama]"]}
     assert training_target(tagged) == "Step 1: a\nStep 2: Drama\nStep 3: - Heat (1995)\n- Casino (1995)"
+    headed = {**row, "steps": ["a", "Drama", "Recommended movies from the candidate list:\n- Heat (1995) [Action]"]}
+    assert training_target(headed) == "Step 1: a\nStep 2: Drama\nStep 3: - Heat (1995)"
+    assert training_target({**row, "steps": ["a", "b", "Watch this: Heat (1995)"]}) == "Step 1: a\nStep 2: b\nStep 3: Watch this: Heat (1995)"
 
 
 def test_score_rationales_hand_computed():
