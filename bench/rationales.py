@@ -80,11 +80,17 @@ def main() -> None:
     notes = (f"{meta['train_rows']} teacher rationales ({meta['train_users']} users) for LoRA r={dc.lora_r} on "
              f"{', '.join(dc.target_modules)} of SmolLM2-135M-Instruct, lr {dc.lr}, batch {dc.batch_size}, "
              f"{dc.epochs} epochs (best: {meta['best_epoch']}), DeepSpeed ZeRO-{meta['zero_stage']}; "
-             f"{report['teacher']['users']} held-out users scored. Student generation: greedy, HF engine.")
+             f"{report['teacher']['users']} held-out users scored. Student generation: greedy, HF engine. "
+             f"Tuned / teacher category hit: {summary['tuned_over_teacher_category_hit'] or 0:.3f}.")
     if args.memory:
         results["memory"] = memory_runs(base, args.workdir, args.rationales, args.memory_rows)
         lines += ["", "| strategy (2 workers) | peak RSS per worker (MB) | epoch s |", "|---|---|---|"]
         lines += [f"| {k} | {v['peak_rss_mb_per_worker']:.0f} | {v['epoch_s']:.0f} |" for k, v in results["memory"].items()]
+        notes += (f"\n\nMemory: one epoch on the first {args.memory_rows} teacher rows per strategy, 2 workers x 1 "
+                  f"thread, micro-batch {cfg.distill.batch_size // 2} per worker; peak RSS is the largest "
+                  "`ru_maxrss` any worker reached. The LoRA optimizer state ZeRO shards is a few MB, so the "
+                  "frozen fp32 base and the activations (the 49k-token vocabulary's logits among them) set the "
+                  "peak; ZeRO-3 adds its parameter-gathering buffers on top.")
     publish("rationales", "Distillation: rationale quality (ML-100k held-out users)", results, "\n".join(lines), notes)
 
 
