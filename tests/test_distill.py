@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from slim_ray.config import load_config
-from slim_ray.distill import IGNORE, collate, run_distill, split_users, tokenize_pairs, training_target
+from slim_ray.distill import (IGNORE, collate, load_teacher_rows, run_distill, split_users, tokenize_pairs,
+                              training_target)
 from slim_ray.prompts import TitleIndex, student_messages
 from slim_ray.rationale_quality import score_rationales
 
@@ -52,6 +54,21 @@ def test_split_users_and_targets():
     headed = {**row, "steps": ["a", "Drama", "Recommended movies from the candidate list:\n- Heat (1995) [Action]"]}
     assert training_target(headed) == "Step 1: a\nStep 2: Drama\nStep 3: - Heat (1995)"
     assert training_target({**row, "steps": ["a", "b", "Watch this: Heat (1995)"]}) == "Step 1: a\nStep 2: b\nStep 3: Watch this: Heat (1995)"
+
+
+def test_committed_teacher_set_feeds_distillation():
+    """bench/data's teacher set (bench/teacher.py --export) still loads and splits with today's code."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "ml100k.yaml",
+                      [f"distill.rationales={root / 'bench' / 'data' / 'teacher_ml100k.parquet'}"])
+    rows = load_teacher_rows(cfg)
+    assert len(rows) == rows["user_id"].nunique() >= 300 and rows["parsed"].mean() > 0.95
+    train, valid = split_users(rows, cfg.distill.valid_fraction, cfg.run.seed, only_parsed=True)
+    assert set(train["user_id"]).isdisjoint(valid["user_id"]) and len(valid) >= cfg.distill.eval_users
+    targets = [training_target(r) for r in train.to_dict("records")]
+    assert all(t.startswith("Step 1: ") and "\nStep 3: " in t and "candidate list" not in t for t in targets)
+    ledger = json.loads((root / "bench" / "data" / "teacher_ml100k_ledger.json").read_text())
+    assert ledger["rationales"] == len(rows) and ledger["prompt_version"] == rows["prompt_version"].iloc[0]
 
 
 def test_score_rationales_hand_computed():
