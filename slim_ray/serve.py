@@ -41,6 +41,7 @@ class RequestError(Exception):
 def build_index(cfg: Config) -> dict:
     """Write the trained model's item vectors to LanceDB (a new table version) and index them."""
     import lancedb
+    from lancedb.index import IvfHnswSq
 
     from slim_ray.backfill import vectors_table
     from slim_ray.train import load_trained
@@ -55,8 +56,7 @@ def build_index(cfg: Config) -> dict:
     db = lancedb.connect(str(cfg.backfill.lancedb_uri or cfg.run.output_dir / "lancedb"))
     table = db.create_table(INDEX_TABLE, data=vectors_table(frame, ["item_id", "raw_id", "title"], ["embedding"]),
                             mode="overwrite")
-    table.create_index(metric="dot", vector_column_name="vector", index_type="IVF_HNSW_SQ",
-                       num_partitions=max(1, len(items) // 4096))
+    table.create_index("vector", config=IvfHnswSq(distance_type="dot", num_partitions=max(1, len(items) // 4096)))
     manifest = {"model": meta.get("name", meta["backbone"]), "rows": len(items), "dim": int(vectors.shape[1]),
                 "table_version": int(table.version), "index_type": "IVF_HNSW_SQ", "metric": "dot"}
     (cfg.model_dir() / "index.json").write_text(json.dumps(manifest, indent=2))
