@@ -87,7 +87,7 @@ def main() -> None:
         lines += ["", "| strategy (2 workers) | peak RSS per worker (MB) | epoch s |", "|---|---|---|"]
         lines += [f"| {k} | {v['peak_rss_mb_per_worker']:.0f} | {v['epoch_s']:.0f} |" for k, v in results["memory"].items()]
         notes += (f"\n\nMemory: one epoch on the first {args.memory_rows} teacher rows per strategy, 2 workers x 1 "
-                  f"thread, micro-batch {cfg.distill.batch_size // 2} per worker; peak RSS is the largest "
+                  f"thread, micro-batch {dc.batch_size // 2} per worker; peak RSS is the largest "
                   "`ru_maxrss` any worker reached. The LoRA optimizer state ZeRO shards is a few MB, so the "
                   "frozen fp32 base and the activations (the 49k-token vocabulary's logits among them) set the "
                   "peak; ZeRO-3 adds its parameter-gathering buffers on top.")
