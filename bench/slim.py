@@ -2,17 +2,27 @@
 
   python bench/slim.py --run-dir runs/ml100k                       # after the demo (needs its backfill)
   python bench/slim.py --run-dir runs/ml100k --backbones SASRec --variants none slim --seeds 1 2 3
+  python bench/slim.py --run-dir runs/slim --student-adapter bench/data/student_ml100k_lora \
+      --backbones SASRec --variants slim slim_valid none    # builds the run first: prepare, merged
+                                                            # student, backfill of all three prefixes
 
 Every model trains with the same budget (epochs, batch, lr) on the same split and is selected on
 validation NDCG@10 only; test is scored by full ranking (history masked) and 100 sampled negatives.
-Variants: none (the backbone), text (item texts fused), slim (item texts + rationales), text_match
-(ID-agnostic). Writes bench/results/slim.json (summary: slim_over_base_ndcg10 per backbone = relative
-gain of the seed means), bench/results/slim.png, and a BENCHMARKS.md section.
+Variants: none (the backbone), text (item texts fused), slim (item texts + rationales), slim_valid
+(slim fed one rationale per user, the valid prefix's, for all three splits: what the default
+one-prefix backfill gives; needs a backfill of all three prefixes to compare against), text_match
+(ID-agnostic), dllm2rec and slim+dllm2rec (DLLM2Rec distillation from the rationales' named
+items, alone and on top of SLIM). Results merge into bench/results/slim.json per (backbone, variant), so the table can be
+filled one backbone per session; each entry keeps its seeds, epochs and rationale source. Summary:
+slim_over_base_ndcg10 per backbone (relative gain of the seed means), bench/results/slim.png, and a
+BENCHMARKS.md section.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -20,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, publish  # noqa: E402
+from _report import ROOT, command, publish  # noqa: E402
 
 from slim_ray.config import load_config  # noqa: E402
 from slim_ray.train import run_evaluate, run_train  # noqa: E402
@@ -35,46 +45,107 @@ def main() -> None:
                         help="a run folder with prepared/ and backfill/ (the demo's)")
     parser.add_argument("--backbones", nargs="+", default=["SASRec", "GRU4Rec", "SRGNN"])
     parser.add_argument("--variants", nargs="+", default=["none", "text", "slim"],
-                        choices=["none", "text", "slim", "text_match"])
+                        choices=["none", "text", "slim", "slim_valid", "text_match", "dllm2rec", "slim+dllm2rec"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--student-adapter", type=Path, default=None,
+                        help="a distilled LoRA folder (adapter/ + meta.json, e.g. bench/data/student_ml100k_lora): "
+                        "prepare --run-dir, merge the student and backfill train/valid/test prefixes "
+                        "(incremental: a finished backfill generates nothing)")
+    parser.add_argument("--max-new-tokens", type=int, default=96,
+                        help="student budget for --student-adapter (the tuned student writes ~85 tokens)")
     args = parser.parse_args()
+    if args.student_adapter:
+        build_run(args.run_dir, args.student_adapter, args.max_new_tokens)
 
-    workdir = ROOT / "runs" / "bench_slim"
-    for part in ("prepared", "backfill"):  # same data, same rationales as the run being measured
-        if not (workdir / part).exists():
-            shutil.copytree(args.run_dir / part, workdir / part)
-    results: dict = {}
+    results_path = ROOT / "bench" / "results" / "slim.json"
+    results: dict = json.loads(results_path.read_text())["results"] if results_path.exists() else {}
+    workdirs = {"all": stage(args.run_dir, ROOT / "runs" / "bench_slim", None)}
     for backbone in args.backbones:
         for variant in args.variants:
+            fusion, prefixes = ("slim", "valid") if variant == "slim_valid" else (variant, "all")
+            if prefixes not in workdirs:
+                workdirs[prefixes] = stage(args.run_dir, ROOT / "runs" / f"bench_slim_{prefixes}", prefixes)
             reports = []
             for seed in args.seeds:
                 cfg = load_config(ROOT / "configs" / "ml100k.yaml", [
-                    f"run.output_dir={workdir}", f"run.seed={seed}", f"train.backbone={backbone}",
-                    f"train.fusion={variant}", f"train.epochs={args.epochs}", "train.patience=100"])
+                    f"run.output_dir={workdirs[prefixes]}", f"run.seed={seed}", f"train.backbone={backbone}",
+                    f"train.fusion={fusion}", f"train.epochs={args.epochs}", "train.patience=100"])
                 run_train(cfg)
                 reports.append(run_evaluate(cfg))
             results.setdefault(backbone, {})[variant] = {
-                f"{protocol}/{metric}": {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": v}
-                for protocol, metric in COLUMNS
-                for v in [[r[protocol].get(metric, float("nan")) for r in reports]]}
+                "seeds": args.seeds, "epochs": args.epochs, "command": command(),
+                "rationales": os.path.relpath(args.run_dir / "backfill", ROOT),
+                "best_epochs": [r["best_epoch"] for r in reports],
+                **{f"{protocol}/{metric}": {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": v}
+                   for protocol, metric in COLUMNS
+                   for v in [[r[protocol].get(metric, float("nan")) for r in reports]]}}
             print(backbone, variant, results[backbone][variant]["full/ndcg@10"], flush=True)
+            report(results)  # after every cell: a long sweep killed midway keeps what it measured
 
+
+def report(results: dict) -> None:
     gains = {b: (r["slim"]["full/ndcg@10"]["mean"] / r["none"]["full/ndcg@10"]["mean"] - 1)
              for b, r in results.items() if "slim" in r and "none" in r}
-    lines = ["| backbone | variant | " + " | ".join(f"{p} {m.upper()}" for p, m in COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
+    valid_only = {b: (r["slim_valid"]["full/ndcg@10"]["mean"] / r["slim"]["full/ndcg@10"]["mean"] - 1)
+                  for b, r in results.items() if "slim" in r and "slim_valid" in r}
+    lines = ["| backbone | variant | seeds x epochs | " + " | ".join(f"{p} {m.upper()}" for p, m in COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(COLUMNS)]
     for backbone, variants in results.items():
         for variant, metrics in variants.items():
             cells = [f"{metrics[f'{p}/{m}']['mean']:.4f} ± {metrics[f'{p}/{m}']['std']:.4f}" for p, m in COLUMNS]
-            lines.append(f"| {backbone} | {variant} | " + " | ".join(cells) + " |")
+            runs = f"{len(metrics['seeds'])} x {metrics['epochs']}"
+            lines.append(f"| {backbone} | {variant} | {runs} | " + " | ".join(cells) + " |")
     chart = plot(results, ROOT / "bench" / "results" / "slim.png")
-    notes = (f"{len(args.seeds)} seeds x {args.epochs} epochs per model, selection on validation NDCG@10; "
-             f"rationales from {args.run_dir / 'backfill'}; relative NDCG@10 gain of SLIM over the base "
-             f"(seed means): {', '.join(f'{b} {g:+.1%}' for b, g in gains.items())}. Chart: `{chart.name}`.")
+    notes = (f"Mean ± std over seeds; selection on validation NDCG@10; test full ranking with history masked. "
+             f"Relative NDCG@10 gain of SLIM over the base (seed means): "
+             f"{', '.join(f'{b} {g:+.1%}' for b, g in gains.items()) or 'n/a'}. One rationale per user (valid "
+             f"prefix, slim_valid) vs one per split prefix (slim): "
+             f"{', '.join(f'{b} {g:+.1%}' for b, g in valid_only.items()) or 'n/a'}. Rationale sources and "
+             f"per-seed runs in `bench/results/slim.json`. Chart: `{chart.name}`.")
     publish("slim", "SLIM fusion on ML-100k (base vs +text vs +rationale)",
-            {"summary": {"slim_over_base_ndcg10": gains, "seeds": args.seeds, "epochs": args.epochs},
+            {"summary": {"slim_over_base_ndcg10": gains, "slim_valid_over_slim_ndcg10": valid_only},
              "results": results}, "\n".join(lines), notes)
+
+
+def build_run(run_dir: Path, adapter: Path, max_new_tokens: int) -> None:
+    from slim_ray.backfill import run_backfill
+    from slim_ray.distill import export_student
+    from slim_ray.prepare import run_prepare
+    from slim_ray.student import ensure_student_base
+
+    cfg = load_config(ROOT / "configs" / "ml100k.yaml", [
+        f"run.output_dir={run_dir}", "backfill.splits=[train, valid, test]",
+        f"backfill.max_new_tokens={max_new_tokens}"])
+    if not (cfg.prepared_dir / "stats.json").is_file():
+        run_prepare(cfg.data, cfg.prepared_dir)
+    meta = json.loads((adapter / "meta.json").read_text())
+    merged_meta = run_dir / "student" / "meta.json"
+    if merged_meta.is_file() and json.loads(merged_meta.read_text()) != meta:
+        sys.exit(f"{run_dir / 'student'} holds another student than {adapter}: use a new --run-dir")
+    if not (run_dir / "student" / "merged").is_dir():
+        export_student(adapter / "adapter", ensure_student_base(meta["base_model"]), run_dir / "student", meta)
+    print("backfill:", run_backfill(cfg), flush=True)
+
+
+def stage(run_dir: Path, workdir: Path, prefixes: str | None) -> Path:
+    """A bench run folder with the run's prepared data and backfill; prefixes="valid" keeps only the
+    valid-prefix rationales (fusion then serves train and test from them, as after a default backfill)."""
+    for part in ("prepared", "backfill"):
+        if not (run_dir / part).is_dir():
+            sys.exit(f"{run_dir / part} is missing: --run-dir needs a run with prepare and backfill done")
+        shutil.rmtree(workdir / part, ignore_errors=True)  # always the rationales being measured
+        shutil.copytree(run_dir / part, workdir / part)
+    if prefixes is not None:
+        import pandas as pd
+
+        path = workdir / "backfill" / "rationales.parquet"
+        rows = pd.read_parquet(path)
+        if prefixes not in set(rows["split"]) or set(rows["split"]) == {prefixes}:
+            sys.exit(f"{path}: comparing prefixes needs a backfill of train, valid and test "
+                     f"(`--set \"backfill.splits=[train, valid, test]\"`); it has {sorted(set(rows['split']))}")
+        rows[rows["split"] == prefixes].to_parquet(path)
+    return workdir
 
 
 def plot(results: dict, out: Path) -> Path:
@@ -85,11 +156,11 @@ def plot(results: dict, out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     backbones = list(results)
-    variants = list(next(iter(results.values())))
+    variants = list(dict.fromkeys(v for r in results.values() for v in r))
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
-        means = [results[b][variant]["full/ndcg@10"]["mean"] for b in backbones]
-        stds = [results[b][variant]["full/ndcg@10"]["std"] for b in backbones]
+        cells = [results[b].get(variant, {}).get("full/ndcg@10", {"mean": 0.0, "std": 0.0}) for b in backbones]
+        means, stds = [c["mean"] for c in cells], [c["std"] for c in cells]
         ax.bar(np.arange(len(backbones)) + i * width, means, width, yerr=stds, label=variant, capsize=3)
     ax.set_xticks(np.arange(len(backbones)) + width * (len(variants) - 1) / 2, backbones)
     ax.set_ylabel("test NDCG@10 (full ranking)")

@@ -84,7 +84,8 @@ def prepare(
 
 
 BackboneOpt = typer.Option(None, help="SASRec | GRU4Rec | SRGNN (train.backbone).")
-FusionOpt = typer.Option(None, help="none | text | slim | text_match (train.fusion; all but none "
+FusionOpt = typer.Option(None, help="none | text | slim | text_match | dllm2rec | slim+dllm2rec "
+                         "(train.fusion; all but none "
                          "need `slim-ray backfill` first).")
 RationaleOpt = typer.Option(None, help="all | step1 | step2 | step3: rationale vector used by fusion "
                             "(train.rationale).")

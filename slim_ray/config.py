@@ -52,6 +52,20 @@ class DataConfig(_Section):
                              "(3 = one train item + valid + test).")
 
 
+class DLLM2RecConfig(_Section):
+    """DLLM2Rec distillation (train.fusion dllm2rec / slim+dllm2rec); defaults follow the paper's ranges."""
+
+    top_k: int = Field(5, ge=1, description="Named step-3 items kept per rationale as targets.")
+    ranking_weight: float = Field(0.5, ge=0, description="Weight of the ranking-distillation loss.")
+    embedding_weight: float = Field(1.0, ge=0, description="Scale of MLP(item text) added to item vectors.")
+    position_weight: float = Field(1.0, ge=0, description="Share of the position-aware weight.")
+    confidence_weight: float = Field(1.0, ge=0, description="Share of the name-match confidence weight.")
+    consistency_weight: float = Field(1.0, ge=0, description="Share of the teacher/backbone agreement weight.")
+    position_beta: float = Field(2.0, gt=0, description="w_p = exp(-rank / position_beta).")
+    confidence_beta: float = Field(0.2, gt=0, description="w_c = exp(-(1 - match) / confidence_beta).")
+    consistency_top_k: int = Field(20, ge=1, description="Backbone top-K that counts as agreeing.")
+
+
 class TrainConfig(_Section):
     backbone: Literal["SASRec", "GRU4Rec", "SRGNN"] = "SASRec"
     model: dict[str, Any] = Field(default_factory=dict, description="Backbone hyper-parameters "
@@ -62,9 +76,11 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(5, ge=1, description="Epochs without a better validation NDCG@10 "
                           "before stopping; the best validation epoch is the model kept.")
-    fusion: Literal["none", "text", "slim", "text_match"] = Field(
+    fusion: Literal["none", "text", "slim", "text_match", "dllm2rec", "slim+dllm2rec"] = Field(
         "none", description="none = the backbone; text = item texts fused (ID-based); slim = item texts + "
-        "the student's rationale per user (ID-based SLIM); text_match = ID-agnostic text matching.")
+        "the student's rationale per user (ID-based SLIM); text_match = ID-agnostic text matching; "
+        "dllm2rec = ranking + embedding distillation from the rationales' named items; slim+dllm2rec = both.")
+    dllm2rec: DLLM2RecConfig = Field(default_factory=DLLM2RecConfig)
     rationale: Literal["all", "step1", "step2", "step3"] = Field(
         "all", description="Which rationale vector fusion uses (the paper's step ablation).")
     select_masks_history: bool = Field(True, description="Validation NDCG@10 (selection and early "
@@ -177,7 +193,7 @@ class Config(_Section):
         """SASRec, SASRec-slim, SASRec-slim-step2, ...: one folder per trained variant."""
         tc = self.train
         name = tc.backbone if tc.fusion == "none" else f"{tc.backbone}-{tc.fusion}"
-        if tc.fusion in ("slim", "text_match") and tc.rationale != "all":
+        if tc.fusion in ("slim", "text_match", "slim+dllm2rec") and tc.rationale != "all":
             name += f"-{tc.rationale}"
         return name
 

@@ -77,19 +77,26 @@ class TextMatcher(SequentialRecommender):
 
 
 def build_model(fusion: str, backbone: str, n_items: int, max_len: int, model_kwargs: dict,
-                item_text: torch.Tensor | None) -> SequentialRecommender:
+                item_text: torch.Tensor | None, dllm2rec: dict | None = None) -> SequentialRecommender:
     if fusion == "none":
         return build_backbone(backbone, n_items, max_len, **model_kwargs)
     if item_text is None:
         raise ValueError(f"fusion={fusion!r} needs item text vectors (run `slim-ray backfill` first)")
     if fusion == "text_match":
         return TextMatcher(n_items, max_len, item_text)
+    if fusion in ("dllm2rec", "slim+dllm2rec"):
+        from slim_ray.config import DLLM2RecConfig
+        from slim_ray.dllm2rec import DLLM2Rec
+
+        inner = build_model("slim" if fusion == "slim+dllm2rec" else "none", backbone, n_items, max_len,
+                            model_kwargs, item_text)
+        return DLLM2Rec(inner, item_text, DLLM2RecConfig(**(dllm2rec or {})))
     return FusedRecommender(build_backbone(backbone, n_items, max_len, **model_kwargs), item_text,
                             use_rationale=fusion == "slim")
 
 
 def uses_rationale(fusion: str) -> bool:
-    return fusion in ("slim", "text_match")
+    return fusion in ("slim", "text_match", "slim+dllm2rec")
 
 
 # ---------------------------------------------------------------- backfill output -> tensors
@@ -103,27 +110,25 @@ def item_text_matrix(items: pd.DataFrame, n_items: int) -> torch.Tensor:
 
 
 def rationale_vectors(rows: pd.DataFrame, n_users_plus_one: int, which: str = "all") -> dict[str, np.ndarray]:
-    """{split: [n_users + 1, T]} rationale vectors by user id. A split without its own rationale
-    falls back to another prefix that never contains the split's own target (a backfill of the
-    valid prefix only, one rationale per user, serves all three splits)."""
-    column = RATIONALE_VECTORS[which]
-    dim = len(rows[column].iloc[0])
-    by_split = {}
-    for split in ("train", "valid", "test"):
-        part = rows[rows["split"] == split]
-        matrix = np.zeros((n_users_plus_one, dim), dtype=np.float32)
-        if len(part):
-            matrix[part["user_id"].to_numpy()] = np.stack(part[column].to_numpy())
-        by_split[split] = (matrix, set(part["user_id"].tolist()))
-    order = {"train": ["train", "valid"], "valid": ["valid", "train"], "test": ["test", "valid", "train"]}
+    """{split: [n_users + 1, T]} rationale vectors by user id (see `by_user_and_split`)."""
+    return by_user_and_split(rows, np.stack(rows[RATIONALE_VECTORS[which]].to_numpy()), n_users_plus_one)
+
+
+PREFIX_FALLBACK = {"train": ["train", "valid"], "valid": ["valid", "train"], "test": ["test", "valid", "train"]}
+
+
+def by_user_and_split(rows: pd.DataFrame, values: np.ndarray, n_users_plus_one: int) -> dict[str, np.ndarray]:
+    """values[r] (one per rationale row) -> {split: [n_users + 1, ...]} indexed by user id. A split
+    without its own rationale falls back to another prefix that never contains the split's own
+    target (a backfill of the valid prefix only, one rationale per user, serves all three splits)."""
+    users, splits = rows["user_id"].to_numpy(), rows["split"].to_numpy()
     out = {}
-    for split, sources in order.items():
-        matrix = np.zeros((n_users_plus_one, dim), dtype=np.float32)
-        filled: set[int] = set()
+    for split, sources in PREFIX_FALLBACK.items():
+        matrix = np.zeros((n_users_plus_one, *values.shape[1:]), dtype=values.dtype)
+        filled = np.zeros(n_users_plus_one, dtype=bool)
         for source in sources:
-            source_matrix, users = by_split[source]
-            new = sorted(users - filled)
-            matrix[new] = source_matrix[new]
-            filled |= users
+            take = (splits == source) & ~filled[users]
+            matrix[users[take]] = values[take]
+            filled[users[take]] = True
         out[split] = matrix
     return out

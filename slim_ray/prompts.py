@@ -157,12 +157,17 @@ class TitleIndex:
             index.setdefault(normalize_title(title), int(item_id))
         return cls(index)
 
-    def lookup(self, name: str, cutoff: float = 0.85) -> int | None:
+    def match(self, name: str, cutoff: float = 0.85) -> tuple[int, float] | None:
+        """(item id, similarity of the normalised name to its title in [cutoff, 1]) or None."""
         key = normalize_title(name)
         if key in self.titles:
-            return self.titles[key]
+            return self.titles[key], 1.0
         close = difflib.get_close_matches(key, self._keys, n=1, cutoff=cutoff)
-        return self.titles[close[0]] if close else None
+        return (self.titles[close[0]], difflib.SequenceMatcher(None, key, close[0]).ratio()) if close else None
+
+    def lookup(self, name: str, cutoff: float = 0.85) -> int | None:
+        found = self.match(name, cutoff)
+        return found[0] if found else None
 
 
 def ground_items(step3: str, index: TitleIndex, history_ids: set[int]) -> dict:

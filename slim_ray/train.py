@@ -64,8 +64,9 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(tc.cpus_per_worker)
     torch.manual_seed(config["seed"])  # identical init on every rank
     item_text, user_text = config["item_text"], config["user_text"]  # None without fusion
+    targets = config["distill_targets"]  # {split: (item ids, confidences)} for DLLM2Rec, else None
     build = lambda: build_model(tc.fusion, tc.backbone, config["n_items"], config["max_len"], tc.model,  # noqa: E731
-                                None if item_text is None else torch.from_numpy(item_text))
+                                None if item_text is None else torch.from_numpy(item_text), tc.dllm2rec.model_dump())
     model, scorer = build(), build()
     micro_batch = max(1, tc.batch_size // world)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -85,8 +86,12 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in shard.iter_torch_batches(
                 batch_size=micro_batch, local_shuffle_buffer_size=tc.shuffle_buffer or None,
                 local_shuffle_seed=config["seed"] + epoch, device=engine.device):
+            users = batch["user_id"].cpu().numpy()
             if user_text is not None:  # the rationale vector of each row's user (training prefix)
-                batch["user_text"] = torch.from_numpy(user_text["train"][batch["user_id"].cpu().numpy()]).to(engine.device)
+                batch["user_text"] = torch.from_numpy(user_text["train"][users]).to(engine.device)
+            if targets is not None:  # the items that user's rationale names, with match confidences
+                batch["teacher_items"] = torch.from_numpy(targets["train"][0][users]).to(engine.device)
+                batch["teacher_conf"] = torch.from_numpy(targets["train"][1][users]).to(engine.device)
             loss = engine(batch)
             engine.step(loss)
             total, steps = total + loss.item(), steps + 1
@@ -125,6 +130,12 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
     storage = (cfg.run.output_dir / "ray_train").resolve()
     name = f"train-{cfg.model_name}"
     item_text, user_text = fusion_vectors(cfg, len(items) + 1, len(sequences) + 1)
+    targets = None
+    if "dllm2rec" in tc.fusion:
+        from slim_ray.backfill import load_backfill
+        from slim_ray.dllm2rec import distill_targets
+
+        targets = distill_targets(load_backfill(cfg)[0], items, sequences, len(sequences) + 1, tc.dllm2rec.top_k)
     if not resume:
         shutil.rmtree(storage / name, ignore_errors=True)
     env = worker_env(tc.use_gpu, tc.cpus_per_worker)
@@ -135,7 +146,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
             train_loop_per_worker,
             train_loop_config={"train": tc.model_dump(), "seed": cfg.run.seed, "n_items": n_items,
                                "max_len": max_len, "sequences": sequences, "item_text": item_text,
-                               "user_text": user_text},
+                               "user_text": user_text, "distill_targets": targets},
             torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                          resources_per_worker={"CPU": tc.cpus_per_worker}),
@@ -154,6 +165,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
         state = json.loads(Path(folder, "state.json").read_text())
         meta = {"backbone": tc.backbone, "fusion": tc.fusion, "rationale": tc.rationale, "name": cfg.model_name,
                 "model": tc.model, "n_items": n_items, "max_len": max_len,
+                "dllm2rec": tc.dllm2rec.model_dump() if "dllm2rec" in tc.fusion else None,
                 "best_epoch": state["best_epoch"], SELECT_METRIC: state["best"],
                 "select_masks_history": tc.select_masks_history,
                 "epochs_run": last["epoch"], "history": last["history"], "strategy": tc.strategy,
@@ -184,7 +196,7 @@ def load_trained(model_dir: Path):
     meta = json.loads(Path(model_dir, "meta.json").read_text())
     state = torch.load(Path(model_dir, "model.pt"))
     model = build_model(meta.get("fusion", "none"), meta["backbone"], meta["n_items"], meta["max_len"],
-                        meta["model"], state.get("item_text"))
+                        meta["model"], state.get("item_text"), meta.get("dllm2rec"))
     model.load_state_dict(state)
     return model.eval(), meta
 

@@ -51,6 +51,37 @@ def test_fused_model_trained_on_ray_uses_the_rationales(served_run):
     assert not torch.allclose(scores, blank)  # the rationale vector moves the scores
 
 
+def test_dllm2rec_on_slim_trains_on_ray_from_the_named_items(served_run, tmp_path):
+    """slim+dllm2rec through Ray Train on a copy of the backfill whose step 3 names real titles."""
+    import shutil
+
+    import pandas as pd
+
+    from slim_ray.dllm2rec import DLLM2Rec, distill_targets
+    from slim_ray.prepare import load_prepared
+    from slim_ray.train import load_trained, run_evaluate, run_train
+
+    root = tmp_path / "run"
+    for part in ("prepared", "backfill"):
+        shutil.copytree(served_run.run.output_dir / part, root / part)
+    items, sequences, _ = load_prepared(root / "prepared")
+    title, following = items.set_index("item_id")["title"], sequences.set_index("user_id")["valid_target"]
+    path = root / "backfill" / "rationales.parquet"
+    rows = pd.read_parquet(path)
+    rows["rationale"] = [f"Step 1: walks the ring.\nStep 2: Comedy\nStep 3: {title[following[u]]}, Nothing Real"
+                         for u in rows["user_id"]]
+    rows.to_parquet(path)
+    targets = distill_targets(rows, items, sequences, len(sequences) + 1, top_k=5)
+    assert (targets["train"][0][rows["user_id"], 0] == following[rows["user_id"]].to_numpy()).all()
+    cfg = served_run.model_copy(update={"run": served_run.run.model_copy(update={"output_dir": root}),
+                                        "train": served_run.train.model_copy(update={"fusion": "slim+dllm2rec"})})
+    meta = run_train(cfg)
+    assert meta["name"] == "SASRec-slim+dllm2rec" and meta["dllm2rec"]["ranking_weight"] == 0.5
+    model, _ = load_trained(cfg.model_dir())
+    assert isinstance(model, DLLM2Rec) and model.inner.use_rationale
+    assert 0 <= run_evaluate(cfg)["full"]["ndcg@10"] <= 1
+
+
 def _sync(fn):
     async def call(*args):
         return fn(*args)
