@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, command, publish  # noqa: E402
 
 from slim_ray.config import load_config  # noqa: E402
+from slim_ray.fusion import uses_rationale  # noqa: E402
 from slim_ray.train import run_evaluate, run_train  # noqa: E402
 
 COLUMNS = [("full", "ndcg@10"), ("full", "hr@10"), ("full", "hr@20"), ("sampled100", "ndcg@10"),
@@ -48,6 +49,9 @@ def main() -> None:
                         choices=["none", "text", "slim", "slim_valid", "text_match", "dllm2rec", "slim+dllm2rec"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--rationale", default="all", choices=["all", "step1", "step2", "step3"],
+                        help="rationale vector of rationale-using variants (the paper's step ablation, "
+                        "Table 2); a step shows as e.g. text_match-step2")
     parser.add_argument("--student-adapter", type=Path, default=None,
                         help="a distilled LoRA folder (adapter/ + meta.json, e.g. bench/data/student_ml100k_lora): "
                         "prepare --run-dir, merge the student and backfill train/valid/test prefixes "
@@ -64,23 +68,25 @@ def main() -> None:
     for backbone in args.backbones:
         for variant in args.variants:
             fusion, prefixes = ("slim", "valid") if variant == "slim_valid" else (variant, "all")
+            key = variant if args.rationale == "all" or not uses_rationale(fusion) else f"{variant}-{args.rationale}"
             if prefixes not in workdirs:
                 workdirs[prefixes] = stage(args.run_dir, ROOT / "runs" / f"bench_slim_{prefixes}", prefixes)
             reports = []
             for seed in args.seeds:
                 cfg = load_config(ROOT / "configs" / "ml100k.yaml", [
                     f"run.output_dir={workdirs[prefixes]}", f"run.seed={seed}", f"train.backbone={backbone}",
-                    f"train.fusion={fusion}", f"train.epochs={args.epochs}", "train.patience=100"])
+                    f"train.fusion={fusion}", f"train.rationale={args.rationale}", f"train.epochs={args.epochs}",
+                    "train.patience=100"])
                 run_train(cfg)
                 reports.append(run_evaluate(cfg))
-            results.setdefault(backbone, {})[variant] = {
+            results.setdefault(backbone, {})[key] = {
                 "seeds": args.seeds, "epochs": args.epochs, "command": command(),
                 "rationales": os.path.relpath(args.run_dir / "backfill", ROOT),
                 "best_epochs": [r["best_epoch"] for r in reports],
                 **{f"{protocol}/{metric}": {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": v}
                    for protocol, metric in COLUMNS
                    for v in [[r[protocol].get(metric, float("nan")) for r in reports]]}}
-            print(backbone, variant, results[backbone][variant]["full/ndcg@10"], flush=True)
+            print(backbone, key, results[backbone][key]["full/ndcg@10"], flush=True)
             report(results)  # after every cell: a long sweep killed midway keeps what it measured
 
 
@@ -91,8 +97,9 @@ def report(results: dict) -> None:
                   for b, r in results.items() if "slim" in r and "slim_valid" in r}
     lines = ["| backbone | variant | seeds x epochs | " + " | ".join(f"{p} {m.upper()}" for p, m in COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COLUMNS)]
+    order = ["none", "text", "slim", "slim_valid", "dllm2rec", "slim+dllm2rec", "text_match"]
     for backbone, variants in results.items():
-        for variant, metrics in variants.items():
+        for variant, metrics in sorted(variants.items(), key=lambda kv: (order.index(kv[0].split("-step")[0]), kv[0])):
             cells = [f"{metrics[f'{p}/{m}']['mean']:.4f} ± {metrics[f'{p}/{m}']['std']:.4f}" for p, m in COLUMNS]
             runs = f"{len(metrics['seeds'])} x {metrics['epochs']}"
             lines.append(f"| {backbone} | {variant} | {runs} | " + " | ".join(cells) + " |")
