@@ -56,6 +56,8 @@ def main() -> None:
                         help="a distilled LoRA folder (adapter/ + meta.json, e.g. bench/data/student_ml100k_lora): "
                         "prepare --run-dir, merge the student and backfill train/valid/test prefixes "
                         "(incremental: a finished backfill generates nothing)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render BENCHMARKS.md / slim.png from bench/results/slim.json, training nothing")
     parser.add_argument("--max-new-tokens", type=int, default=96,
                         help="student budget for --student-adapter (the tuned student writes ~85 tokens)")
     args = parser.parse_args()
@@ -63,7 +65,11 @@ def main() -> None:
         build_run(args.run_dir, args.student_adapter, args.max_new_tokens)
 
     results_path = ROOT / "bench" / "results" / "slim.json"
-    results: dict = json.loads(results_path.read_text())["results"] if results_path.exists() else {}
+    saved = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results, profiles = saved.get("results", {}), saved.get("rationale_profiles", {})
+    profiles[os.path.relpath(args.run_dir / "backfill", ROOT)] = rationale_profile(args.run_dir)
+    if args.report_only:
+        return report(results, profiles)
     workdirs = {"all": stage(args.run_dir, ROOT / "runs" / "bench_slim", None)}
     for backbone in args.backbones:
         for variant in args.variants:
@@ -87,10 +93,10 @@ def main() -> None:
                    for protocol, metric in COLUMNS
                    for v in [[r[protocol].get(metric, float("nan")) for r in reports]]}}
             print(backbone, key, results[backbone][key]["full/ndcg@10"], flush=True)
-            report(results)  # after every cell: a long sweep killed midway keeps what it measured
+            report(results, profiles)  # after every cell: a long sweep killed midway keeps what it measured
 
 
-def report(results: dict) -> None:
+def report(results: dict, profiles: dict) -> None:
     gains = {b: (r["slim"]["full/ndcg@10"]["mean"] / r["none"]["full/ndcg@10"]["mean"] - 1)
              for b, r in results.items() if "slim" in r and "none" in r}
     valid_only = {b: (r["slim_valid"]["full/ndcg@10"]["mean"] / r["slim"]["full/ndcg@10"]["mean"] - 1)
@@ -109,10 +115,57 @@ def report(results: dict) -> None:
              f"{', '.join(f'{b} {g:+.1%}' for b, g in gains.items()) or 'n/a'}. One rationale per user (valid "
              f"prefix, slim_valid) vs one per split prefix (slim): "
              f"{', '.join(f'{b} {g:+.1%}' for b, g in valid_only.items()) or 'n/a'}. Rationale sources and "
-             f"per-seed runs in `bench/results/slim.json`. Chart: `{chart.name}`.")
+             f"per-seed runs in `bench/results/slim.json`. Chart: `{chart.name}`.\n\n"
+             + "".join(f"Rationales in `{source}`: {profile_line(p)}\n\n" for source, p in profiles.items())
+             + "Runs: " + "; ".join(f"`{c}`" for c in dict.fromkeys(
+                 m["command"] for v in results.values() for m in v.values() if "command" in m)) + ".")
     publish("slim", "SLIM fusion on ML-100k (base vs +text vs +rationale)",
             {"summary": {"slim_over_base_ndcg10": gains, "slim_valid_over_slim_ndcg10": valid_only},
-             "results": results}, "\n".join(lines), notes)
+             "results": results, "rationale_profiles": profiles}, "\n".join(lines), notes)
+
+
+def rationale_profile(run_dir: Path) -> dict:
+    """How much a backfill says about each user: distinct texts, and the step-3 items it names."""
+    import pandas as pd
+
+    from slim_ray.dllm2rec import distill_targets
+    from slim_ray.prepare import load_prepared
+
+    items, sequences, _ = load_prepared(run_dir / "prepared")
+    rows = pd.read_parquet(run_dir / "backfill" / "rationales.parquet", columns=["user_id", "split", "rationale"])
+    targets = distill_targets(rows, items, sequences, len(sequences) + 1, top_k=10)
+    named = {split: targets[split][0][sequences["user_id"].to_numpy()] for split in ("valid", "test")}
+    fresh = named["valid"][named["valid"] > 0]
+    counts = np.bincount(fresh, minlength=len(items) + 1)
+    return {"rows": len(rows), "splits": sorted(set(rows["split"])),
+            "distinct_rationales": float(rows["rationale"].nunique() / len(rows)),
+            "named_new_items_per_user": float((named["valid"] > 0).sum(1).mean()),
+            "distinct_named_items": int((counts > 0).sum()),
+            "top_item_share_of_users": float(counts.max() / len(sequences)),
+            "valid_target_named": float(np.mean([t in r for t, r in zip(sequences["valid_target"], named["valid"])])),
+            "test_target_named": float(np.mean([t in r for t, r in zip(sequences["test_target"], named["test"])])),
+            "valid_target_in_as_many_popular": popular_hit_rate(sequences, (named["valid"] > 0).sum(1), len(items) + 1)}
+
+
+def popular_hit_rate(sequences, counts: np.ndarray, n_items: int) -> float:
+    """Reference for the named items: how often the valid target is among the same number of the
+    most popular (training interactions) items the user has not seen."""
+    popularity = np.bincount(np.concatenate(sequences["train_item_ids"].to_numpy()), minlength=n_items)
+    ranked = np.argsort(-popularity[1:], kind="stable") + 1
+    hits = []
+    for history, target, k in zip(sequences["train_item_ids"], sequences["valid_target"], counts):
+        seen = set(history)
+        hits.append(target in [i for i in ranked[: k + len(seen)] if i not in seen][:k])
+    return float(np.mean(hits))
+
+
+def profile_line(p: dict) -> str:
+    return (f"{p['rows']} rows ({', '.join(p['splits'])}), {p['distinct_rationales']:.0%} distinct texts; step 3 "
+            f"names {p['named_new_items_per_user']:.1f} unseen catalogue items per user (valid prefix), "
+            f"{p['distinct_named_items']} distinct items overall, the most named one for "
+            f"{p['top_item_share_of_users']:.0%} of users; the user's next item is named for "
+            f"{p['valid_target_named']:.1%} (valid) / {p['test_target_named']:.1%} (test) of users (as many of "
+            f"the most popular unseen items: {p.get('valid_target_in_as_many_popular', float('nan')):.1%}).")
 
 
 def build_run(run_dir: Path, adapter: Path, max_new_tokens: int) -> None:
