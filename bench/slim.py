@@ -114,7 +114,11 @@ def report(results: dict, profiles: dict) -> None:
              f"Relative NDCG@10 gain of SLIM over the base (seed means): "
              f"{', '.join(f'{b} {g:+.1%}' for b, g in gains.items()) or 'n/a'}. One rationale per user (valid "
              f"prefix, slim_valid) vs one per split prefix (slim): "
-             f"{', '.join(f'{b} {g:+.1%}' for b, g in valid_only.items()) or 'n/a'}. Rationale sources and "
+             f"{', '.join(f'{b} {g:+.1%}' for b, g in valid_only.items()) or 'n/a'}"
+             + "".join(f" ({b}: per-seed differences {', '.join(f'{d:+.4f}' for d in paired(r['slim_valid'], r['slim']))}"
+                       f" vs seed std {r['slim']['full/ndcg@10']['std']:.4f})" for b, r in results.items()
+                       if "slim" in r and "slim_valid" in r and r["slim"]["seeds"] == r["slim_valid"]["seeds"])
+             + f". Rationale sources and "
              f"per-seed runs in `bench/results/slim.json`. Chart: `{chart.name}`.\n\n"
              + "".join(f"Rationales in `{source}`: {profile_line(p)}\n\n" for source, p in profiles.items())
              + "Runs: " + "; ".join(f"`{c}`" for c in dict.fromkeys(
@@ -122,6 +126,11 @@ def report(results: dict, profiles: dict) -> None:
     publish("slim", "SLIM fusion on ML-100k (base vs +text vs +rationale)",
             {"summary": {"slim_over_base_ndcg10": gains, "slim_valid_over_slim_ndcg10": valid_only},
              "results": results, "rationale_profiles": profiles}, "\n".join(lines), notes)
+
+
+def paired(a: dict, b: dict) -> list[float]:
+    """Per-seed test NDCG@10 differences a - b (same seeds: same initialisation and data order)."""
+    return [x - y for x, y in zip(a["full/ndcg@10"]["runs"], b["full/ndcg@10"]["runs"])]
 
 
 def rationale_profile(run_dir: Path) -> dict:
