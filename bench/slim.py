@@ -12,8 +12,8 @@ Variants: none (the backbone), text (item texts fused), slim (item texts + ratio
 (slim fed one rationale per user, the valid prefix's, for all three splits: what the default
 one-prefix backfill gives; needs a backfill of all three prefixes to compare against), text_match
 (ID-agnostic), dllm2rec and slim+dllm2rec (DLLM2Rec distillation from the rationales' named
-items, alone and on top of SLIM). Results merge into bench/results/slim.json per (backbone, variant), so the table can be
-filled one backbone per session; each entry keeps its seeds, epochs and rationale source. Summary:
+items, alone and on top of SLIM). Results merge into bench/results/slim.json per (backbone, variant, seed), so the table can be
+filled one backbone (or seed) per session; each entry keeps its seeds, epochs and rationale source. Summary:
 slim_over_base_ndcg10 per backbone (relative gain of the seed means), bench/results/slim.png, and a
 BENCHMARKS.md section.
 """
@@ -77,21 +77,24 @@ def main() -> None:
             key = variant if args.rationale == "all" or not uses_rationale(fusion) else f"{variant}-{args.rationale}"
             if prefixes not in workdirs:
                 workdirs[prefixes] = stage(args.run_dir, ROOT / "runs" / f"bench_slim_{prefixes}", prefixes)
-            reports = []
+            per_seed = {}
             for seed in args.seeds:
                 cfg = load_config(ROOT / "configs" / "ml100k.yaml", [
                     f"run.output_dir={workdirs[prefixes]}", f"run.seed={seed}", f"train.backbone={backbone}",
                     f"train.fusion={fusion}", f"train.rationale={args.rationale}", f"train.epochs={args.epochs}",
                     "train.patience=100"])
                 run_train(cfg)
-                reports.append(run_evaluate(cfg))
-            results.setdefault(backbone, {})[key] = {
-                "seeds": args.seeds, "epochs": args.epochs, "command": command(),
-                "rationales": os.path.relpath(args.run_dir / "backfill", ROOT),
-                "best_epochs": [r["best_epoch"] for r in reports],
-                **{f"{protocol}/{metric}": {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": v}
-                   for protocol, metric in COLUMNS
-                   for v in [[r[protocol].get(metric, float("nan")) for r in reports]]}}
+                r = run_evaluate(cfg)
+                per_seed[seed] = {"best_epoch": r["best_epoch"],
+                                  **{f"{p}/{m}": r[p].get(m, float("nan")) for p, m in COLUMNS}}
+            setting = {"epochs": args.epochs, "rationales": os.path.relpath(args.run_dir / "backfill", ROOT)}
+            old = results.setdefault(backbone, {}).get(key)
+            if old and {k: old[k] for k in setting} == setting:  # same setting: other seeds are kept
+                per_seed = {**seeds_of(old), **per_seed}
+                commands = list(dict.fromkeys([*old["commands"], command()]))
+            else:
+                commands = [command()]
+            results[backbone][key] = {**setting, "commands": commands, **summarize(per_seed)}
             print(backbone, key, results[backbone][key]["full/ndcg@10"], flush=True)
             report(results, profiles)  # after every cell: a long sweep killed midway keeps what it measured
 
@@ -122,10 +125,22 @@ def report(results: dict, profiles: dict) -> None:
              f"per-seed runs in `bench/results/slim.json`. Chart: `{chart.name}`.\n\n"
              + "".join(f"Rationales in `{source}`: {profile_line(p)}\n\n" for source, p in profiles.items())
              + "Runs: " + "; ".join(f"`{c}`" for c in dict.fromkeys(
-                 m["command"] for v in results.values() for m in v.values() if "command" in m)) + ".")
+                 c for v in results.values() for m in v.values() for c in m["commands"])) + ".")
     publish("slim", "SLIM fusion on ML-100k (base vs +text vs +rationale)",
             {"summary": {"slim_over_base_ndcg10": gains, "slim_valid_over_slim_ndcg10": valid_only},
              "results": results, "rationale_profiles": profiles}, "\n".join(lines), notes)
+
+
+def summarize(per_seed: dict) -> dict:
+    seeds = sorted(per_seed)
+    return {"seeds": seeds, "best_epochs": [per_seed[s]["best_epoch"] for s in seeds],
+            **{f"{p}/{m}": {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": v}
+               for p, m in COLUMNS for v in [[per_seed[s][f"{p}/{m}"] for s in seeds]]}}
+
+
+def seeds_of(entry: dict) -> dict:
+    return {seed: {"best_epoch": entry["best_epochs"][i], **{f"{p}/{m}": entry[f"{p}/{m}"]["runs"][i] for p, m in COLUMNS}}
+            for i, seed in enumerate(entry["seeds"])}
 
 
 def paired(a: dict, b: dict) -> list[float]:
