@@ -111,7 +111,7 @@ class DLLM2Rec(SequentialRecommender):
         return self.inner.user_vectors(batch)
 
     def calculate_loss(self, batch: dict) -> torch.Tensor:
-        logits = self.user_vectors(batch) @ self.item_vectors().t()
+        logits = self.full_sort_predict(batch)
         loss = F.cross_entropy(logits, batch["pos_item"].long())
         if "teacher_items" not in batch:
             return loss
