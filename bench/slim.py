@@ -175,7 +175,32 @@ def rationale_profile(run_dir: Path) -> dict:
             "top_item_share_of_users": float(counts.max() / len(sequences)),
             "valid_target_named": float(np.mean([t in r for t, r in zip(sequences["valid_target"], named["valid"])])),
             "test_target_named": float(np.mean([t in r for t, r in zip(sequences["test_target"], named["test"])])),
-            "valid_target_in_as_many_popular": popular_hit_rate(sequences, (named["valid"] > 0).sum(1), len(items) + 1)}
+            "valid_target_in_as_many_popular": popular_hit_rate(sequences, (named["valid"] > 0).sum(1), len(items) + 1),
+            "zero_shot_test_ndcg10": zero_shot(run_dir, sequences, len(items) + 1)}
+
+
+def zero_shot(run_dir: Path, sequences, n_items: int) -> dict:
+    """Test NDCG@10 (full ranking, history masked) of ranking items by cosine between a user vector
+    and the item text vectors, nothing trained: how much next-item signal the rationale vectors carry
+    on their own, against the text of the user's last 10 items and against popularity."""
+    import pandas as pd
+    import torch
+
+    from slim_ray.evaluation import full_ranks, item_popularity, rank_metrics, split_arrays
+    from slim_ray.fusion import item_text_matrix, rationale_vectors
+
+    item_text = torch.nn.functional.normalize(item_text_matrix(pd.read_parquet(run_dir / "backfill" / "items.parquet"), n_items), dim=1)
+    rows = pd.read_parquet(run_dir / "backfill" / "rationales.parquet")
+    arrays = split_arrays(sequences, "test", max_len=10)
+    users = sequences["user_id"].to_numpy()
+    user_vectors = {"rationale": torch.from_numpy(rationale_vectors(rows, len(sequences) + 1)["test"][users]),
+                    "rationale_step3": torch.from_numpy(rationale_vectors(rows, len(sequences) + 1, "step3")["test"][users]),
+                    "last10_item_texts": item_text[arrays["item_seq"]].sum(1)}  # padding row is zero
+    scores = {name: torch.nn.functional.normalize(v, dim=1) @ item_text.T for name, v in user_vectors.items()}
+    counts, _ = item_popularity(sequences["train_item_ids"], n_items)
+    scores["popularity"] = torch.from_numpy(counts.astype(np.float32)).expand(len(users), -1)
+    return {name: rank_metrics(full_ranks(s, arrays["target"], arrays["history"]).numpy())["ndcg@10"]
+            for name, s in scores.items()}
 
 
 def popular_hit_rate(sequences, counts: np.ndarray, n_items: int) -> float:
@@ -196,7 +221,9 @@ def profile_line(p: dict) -> str:
             f"{p['distinct_named_items']} distinct items overall, the most named one for "
             f"{p['top_item_share_of_users']:.0%} of users; the user's next item is named for "
             f"{p['valid_target_named']:.1%} (valid) / {p['test_target_named']:.1%} (test) of users (as many of "
-            f"the most popular unseen items: {p.get('valid_target_in_as_many_popular', float('nan')):.1%}).")
+            f"the most popular unseen items: {p.get('valid_target_in_as_many_popular', float('nan')):.1%})."
+            + ("" if "zero_shot_test_ndcg10" not in p else " Zero-shot test NDCG@10 (cosine to item texts, nothing "
+               "trained): " + ", ".join(f"{k} {v:.4f}" for k, v in p["zero_shot_test_ndcg10"].items()) + "."))
 
 
 def build_run(run_dir: Path, adapter: Path, max_new_tokens: int) -> None:
