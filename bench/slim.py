@@ -114,7 +114,11 @@ def report(results: dict, profiles: dict) -> None:
     chart = plot(results, ROOT / "bench" / "results" / "slim.png")
     notes = (f"Mean ± std over seeds; selection on validation NDCG@10; test full ranking with history masked. "
              f"Relative NDCG@10 gain of SLIM over the base (means over the seeds both have): "
-             f"{', '.join(f'{b} {g:+.1%}' for b, g in gains.items()) or 'n/a'}. One rationale per user (valid "
+             f"{', '.join(f'{b} {g:+.1%}' for b, g in gains.items()) or 'n/a'}"
+             + "".join(f" ({b}: per-seed differences {', '.join(f'{d:+.4f}' for d in paired(r['slim'], r['none']))}"
+                       f" vs base seed std {r['none']['full/ndcg@10']['std']:.4f})" for b, r in results.items()
+                       if "slim" in r and "none" in r)
+             + f". One rationale per user (valid "
              f"prefix, slim_valid) vs one per split prefix (slim): "
              f"{', '.join(f'{b} {g:+.1%}' for b, g in valid_only.items()) or 'n/a'}"
              + "".join(f" ({b}: per-seed differences {', '.join(f'{d:+.4f}' for d in paired(r['slim_valid'], r['slim']))}"
