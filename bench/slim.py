@@ -115,15 +115,11 @@ def report(results: dict, profiles: dict) -> None:
     notes = (f"Mean ± std over seeds; selection on validation NDCG@10; test full ranking with history masked. "
              f"Relative NDCG@10 gain of SLIM over the base (means over the seeds both have): "
              f"{', '.join(f'{b} {g:+.1%}' for b, g in gains.items()) or 'n/a'}"
-             + "".join(f" ({b}: per-seed differences {', '.join(f'{d:+.4f}' for d in paired(r['slim'], r['none']))}"
-                       f" vs base seed std {r['none']['full/ndcg@10']['std']:.4f})" for b, r in results.items()
-                       if "slim" in r and "none" in r)
+             + paired_notes(results, "slim", "none", "base seed std")
              + f". One rationale per user (valid "
              f"prefix, slim_valid) vs one per split prefix (slim): "
              f"{', '.join(f'{b} {g:+.1%}' for b, g in valid_only.items()) or 'n/a'}"
-             + "".join(f" ({b}: per-seed differences {', '.join(f'{d:+.4f}' for d in paired(r['slim_valid'], r['slim']))}"
-                       f" vs seed std {r['slim']['full/ndcg@10']['std']:.4f})" for b, r in results.items()
-                       if "slim" in r and "slim_valid" in r)
+             + paired_notes(results, "slim_valid", "slim", "seed std")
              + f". Rationale sources and "
              f"per-seed runs in `bench/results/slim.json`. Chart: `{chart.name}`.\n\n"
              + "".join(f"Rationales in `{source}`: {profile_line(p)}\n\n" for source, p in profiles.items())
@@ -157,6 +153,13 @@ def paired(a: dict, b: dict) -> list[float]:
     """Per-seed test NDCG@10 differences a - b (same seeds: same initialisation and data order)."""
     b_runs = dict(zip(b["seeds"], b["full/ndcg@10"]["runs"]))
     return [x - b_runs[s] for s, x in zip(a["seeds"], a["full/ndcg@10"]["runs"]) if s in b_runs]
+
+
+def paired_notes(results: dict, a: str, b: str, std_label: str) -> str:
+    """' (backbone: per-seed differences ... vs <std_label> ...)' for every backbone with variants a and b."""
+    return "".join(f" ({backbone}: per-seed differences {', '.join(f'{d:+.4f}' for d in paired(r[a], r[b]))}"
+                   f" vs {std_label} {r[b]['full/ndcg@10']['std']:.4f})" for backbone, r in results.items()
+                   if a in r and b in r)
 
 
 def rationale_profile(run_dir: Path) -> dict:
