@@ -105,6 +105,12 @@ class TeacherConfig(_Section):
     num_samples: int = Field(1000, ge=1, description="Users sampled for rationales (paper: 1000).")
     history_len: int = Field(20, ge=1, description="Most recent history items shown in the prompt.")
     n_candidates: int = Field(20, ge=0, description="Candidate items shown to ground step 3.")
+    candidates: Literal["popular", "backbone"] = Field(
+        "popular", description="Where step-3 candidates come from: popular = the most popular unseen items; "
+        "backbone = the trained train.backbone's top unseen items (LlamaRec-style grounding; `slim-ray train` "
+        "must have run, as the pipeline does), topped up with popular ones.")
+    backbone_candidates: int = Field(10, ge=1, description="With candidates=backbone: how many of the "
+                                     "n_candidates come from the backbone.")
     n_recommend: int = Field(5, ge=1, description="Items step 3 asks for.")
     max_tokens: int = Field(256, ge=16)
     temperature: float = Field(0.0, ge=0)

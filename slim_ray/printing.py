@@ -53,6 +53,7 @@ def print_ledger(ledger: dict) -> None:
     table.add_row("estimated cost", f"${ledger['estimated_cost_usd']:.4f}")
     table.add_row("rationales / min (fresh calls)", f"{ledger['rationales_per_min']:.2f}")
     table.add_row("wall time", f"{ledger['wall_s']:.0f} s")
+    table.add_row("step-3 candidates", ledger.get("candidates", "popular"))  # older ledgers: popular
     console.print(table)
     for label, key in (("failures", "failures_by_reason"), ("retries", "retries_by_reason")):
         if ledger[key]:

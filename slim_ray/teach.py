@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch
 
 from slim_ray.config import Config, TeacherConfig
-from slim_ray.evaluation import item_popularity
+from slim_ray.errors import DataError
+from slim_ray.evaluation import item_popularity, mask_seen, split_arrays
 from slim_ray.llm_api import ChatCaller, ResponseCache, TokenBucketLimiter, resolve_api_key
 from slim_ray.prepare import load_prepared, write_atomic_dir
 from slim_ray.prompts import (
@@ -160,24 +162,32 @@ def summarize(results: pd.DataFrame, tc: TeacherConfig, wall_s: float) -> dict:
         "wall_s": wall_s,
         "rationales_per_min": float(ok[fresh].sum() / wall_s * 60) if wall_s > 0 else 0.0,
         "model": tc.model, "base_url": tc.base_url, "prompt_version": PROMPT_VERSION,
+        "candidates": tc.candidates,
     }
 
 
-def backbone_preferences(cfg: Config, sequences: pd.DataFrame, k: int = 10) -> dict[int, list[int]]:
-    """Top-k unseen items of the trained backbone per user (training prefix), if one exists."""
-    import torch
-
-    from slim_ray.evaluation import mask_seen, split_arrays
-    from slim_ray.train import load_trained
-
-    if not (cfg.model_dir() / "model.pt").is_file():
-        return {}
-    model, meta = load_trained(cfg.model_dir())
-    arrays = split_arrays(sequences, "valid", meta["max_len"])  # input = training prefix
+def top_unseen(model, sequences: pd.DataFrame, max_len: int, k: int) -> dict[int, list[int]]:
+    """Each user's k best-scored items after the training prefix, history excluded, best first."""
+    arrays = split_arrays(sequences, "valid", max_len)  # input = training prefix; valid/test stay unseen
     with torch.no_grad():
         scores = model.full_sort_predict(arrays)
     top = mask_seen(scores, arrays["history"]).topk(k, dim=1).indices.tolist()
     return dict(zip(sequences["user_id"].tolist(), top))
+
+
+def backbone_preferences(cfg: Config, sequences: pd.DataFrame) -> dict[int, list[int]]:
+    """teacher.candidates=backbone: the trained base backbone's top unseen items per user."""
+    from slim_ray.train import load_trained
+
+    tc = cfg.teacher
+    if tc.candidates == "popular":
+        return {}
+    model_dir = cfg.model_dir(cfg.train.backbone)  # the base model: fused ones need rationales first
+    if not (model_dir / "model.pt").is_file():
+        raise DataError(f"teacher.candidates=backbone needs a trained {cfg.train.backbone} at {model_dir}: "
+                        "run `slim-ray train` first, or set teacher.candidates=popular")
+    model, meta = load_trained(model_dir)
+    return top_unseen(model, sequences, meta["max_len"], min(tc.backbone_candidates, tc.n_candidates))
 
 
 @contextlib.contextmanager
@@ -239,7 +249,5 @@ def _run_teach(cfg: Config, num_samples: int | None) -> dict:
 def load_rationales(out_dir: Path) -> pd.DataFrame:
     shards = sorted(Path(out_dir, "shards").glob("*.parquet"))
     if not shards:
-        from slim_ray.errors import DataError
-
         raise DataError(f"no teacher rationales under {out_dir} (run `slim-ray teach` first)")
     return pd.concat([pd.read_parquet(p) for p in shards], ignore_index=True).sort_values("user_id")

@@ -63,7 +63,7 @@ def _pipeline_config(root: Path, student: str, teacher_url: str) -> Path:
         "train": {"epochs": 2, "batch_size": 32, "eval_negatives": 10, "cpus_per_worker": 1,
                   "model": {"hidden_size": 16, "inner_size": 32, "n_layers": 1}},
         "teacher": {"base_url": teacher_url, "model": "fault-model", "launch_local": False, "num_samples": 24,
-                    "n_candidates": 5, "num_actors": 1, "concurrency": 4, "timeout_s": 5},
+                    "n_candidates": 5, "candidates": "backbone", "num_actors": 1, "concurrency": 4, "timeout_s": 5},
         "distill": {"base_model": student, "strategy": "ddp", "epochs": 1, "batch_size": 4, "cpus_per_worker": 1,
                     "eval_users": 4, "max_new_tokens": 16},
         # Two student actors of one CPU on two nodes of two CPUs (Ray Data spreads them): one is on the
@@ -143,6 +143,8 @@ def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tin
         # every (user, split prefix) exactly once, every user present
         assert not rows.duplicated(["user_id", "split"]).any() and set(rows["user_id"]) == set(users)
         assert len(rows) == 3 * len(users)  # train, valid and test prefixes (6-item ring histories)
+        ledger = json.loads((tmp_path / "run" / "teacher" / "ledger.json").read_text())
+        assert ledger["candidates"] == "backbone" and ledger["rationales"] == 24  # grounded by the trained SASRec
         manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
         assert list(manifest["stages"])[-1] == "serve-demo" and not any(s["skipped"] for s in manifest["stages"].values())
         assert manifest["stages"]["serve-demo"]["result"]["known user"]["status"] == 200

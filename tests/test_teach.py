@@ -11,12 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from slim_ray.config import load_config
+from slim_ray.errors import DataError
+from slim_ray.evaluation import split_arrays
 from slim_ray.fault_server import FaultServer
 from slim_ray.llm_api import ChatCaller, ResponseCache, TokenBucketLimiter
-from slim_ray.prepare import run_prepare
-from slim_ray.teach import load_rationales, run_teach
+from slim_ray.models import build_backbone
+from slim_ray.prepare import load_prepared, run_prepare
+from slim_ray.teach import backbone_preferences, build_requests, load_rationales, run_teach, top_unseen
 
 REPO = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "user", "content": "Candidate movies:\n- Heat\n- Casino"}]
@@ -132,3 +136,30 @@ def test_killed_run_resumes_without_recalling_cached_prompts(ring_dataset):
         assert max(server.stats()["successes"].values()) <= 2
         assert sum(v == 2 for v in server.stats()["successes"].values()) <= 1
         assert json.loads((cfg.run.output_dir / "teacher" / "ledger.json").read_text()) == ledger
+
+
+def test_backbone_candidates_are_its_best_unseen_items_and_ground_step3(ring_dataset, tmp_path):
+    cfg = load_config(None, [f"data.interactions={ring_dataset / 'r.inter'}", f"data.items={ring_dataset / 'r.item'}",
+                             f"run.output_dir={tmp_path}", "teacher.candidates=backbone", "teacher.n_candidates=6",
+                             "teacher.backbone_candidates=3", "teacher.num_samples=12"])
+    run_prepare(cfg.data, cfg.prepared_dir)
+    items, sequences, stats = load_prepared(cfg.prepared_dir)
+    with pytest.raises(DataError, match="teacher.candidates=backbone needs a trained SASRec"):
+        backbone_preferences(cfg, sequences)  # nothing trained yet: a clear error, not popular items
+
+    torch.manual_seed(0)
+    model = build_backbone("SASRec", len(items) + 1, 8, hidden_size=16, inner_size=32, n_layers=1).eval()
+    top = top_unseen(model, sequences, 8, 3)
+    arrays = split_arrays(sequences, "valid", 8)
+    with torch.no_grad():
+        scores = model.full_sort_predict(arrays)
+    for row, (user, train) in enumerate(zip(sequences["user_id"], sequences["train_item_ids"])):
+        assert len(top[user]) == 3 and not set(top[user]) & set(train) and 0 not in top[user]
+        allowed = [i for i in range(1, len(items) + 1) if i not in set(train)]
+        best = sorted(allowed, key=lambda i: -scores[row, i].item())[:3]
+        assert top[user] == best
+
+    requests = build_requests(items, sequences, cfg.teacher, stats["domain"], seed=0, preferred=top)
+    for row in requests.itertuples():
+        assert set(top[row.user_id]) <= set(row.candidate_ids) and len(row.candidate_ids) == 6
+        assert not set(row.candidate_ids) & set(row.seen_ids)
