@@ -13,9 +13,10 @@ Variants: none (the backbone), text (item texts fused), slim (item texts + ratio
 one-prefix backfill gives; needs a backfill of all three prefixes to compare against), text_match
 (ID-agnostic), dllm2rec and slim+dllm2rec (DLLM2Rec distillation from the rationales' named
 items, alone and on top of SLIM). Results merge into bench/results/slim.json per (backbone, variant, seed), so the table can be
-filled one backbone (or seed) per session; each entry keeps its seeds, epochs and rationale source. Summary:
-slim_over_base_ndcg10 per backbone (relative gain of the seed means), bench/results/slim.png, and a
-BENCHMARKS.md section.
+filled one backbone (or seed) per session; each entry keeps its seeds, epochs and rationale source;
+text_match uses no backbone and is measured once, as the "ID-agnostic" row. Summary: relative gains of
+the seed means per backbone (slim_over_base_ndcg10, text/dllm2rec over the base, slim+dllm2rec over
+slim, slim_valid over slim), bench/results/slim.png, and a BENCHMARKS.md section.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from slim_ray.train import run_evaluate, run_train  # noqa: E402
 
 COLUMNS = [("full", "ndcg@10"), ("full", "hr@10"), ("full", "hr@20"), ("sampled100", "ndcg@10"),
            ("full", "efd@10"), ("full", "epc@10"), ("cold", "ndcg@10")]
+
+
+ID_AGNOSTIC = "ID-agnostic"  # the table's "backbone" for text_match: one linear g_t, no item ids
 
 
 def main() -> None:
@@ -74,6 +78,8 @@ def main() -> None:
     for backbone in args.backbones:
         for variant in args.variants:
             fusion, prefixes = ("slim", "valid") if variant == "slim_valid" else (variant, "all")
+            if fusion == "text_match" and backbone != args.backbones[0]:
+                continue  # backbone-free: measured once
             key = variant if args.rationale == "all" or not uses_rationale(fusion) else f"{variant}-{args.rationale}"
             if prefixes not in workdirs:
                 workdirs[prefixes] = stage(args.run_dir, ROOT / "runs" / f"bench_slim_{prefixes}", prefixes)
@@ -88,46 +94,56 @@ def main() -> None:
                 per_seed[seed] = {"best_epoch": r["best_epoch"],
                                   **{f"{p}/{m}": r[p].get(m, float("nan")) for p, m in COLUMNS}}
             setting = {"epochs": args.epochs, "rationales": os.path.relpath(args.run_dir / "backfill", ROOT)}
-            old = results.setdefault(backbone, {}).get(key)
+            row = ID_AGNOSTIC if fusion == "text_match" else backbone  # text matching uses no backbone
+            old = results.setdefault(row, {}).get(key)
             if old and {k: old[k] for k in setting} == setting:  # same setting: other seeds are kept
                 per_seed = {**seeds_of(old), **per_seed}
                 commands = list(dict.fromkeys([*old["commands"], command()]))
             else:
                 commands = [command()]
-            results[backbone][key] = {**setting, "commands": commands, **summarize(per_seed)}
-            print(backbone, key, results[backbone][key]["full/ndcg@10"], flush=True)
+            results[row][key] = {**setting, "commands": commands, **summarize(per_seed)}
+            print(row, key, results[row][key]["full/ndcg@10"], flush=True)
             report(results, profiles)  # after every cell: a long sweep killed midway keeps what it measured
 
 
+# (summary key, variant, reference variant, what the notes call the comparison)
+COMPARISONS = [
+    ("slim_over_base_ndcg10", "slim", "none", "SLIM over the base"),
+    ("text_over_base_ndcg10", "text", "none", "item texts only (+text) over the base"),
+    ("dllm2rec_over_base_ndcg10", "dllm2rec", "none", "DLLM2Rec over the base"),
+    ("slim_dllm2rec_over_slim_ndcg10", "slim+dllm2rec", "slim", "SLIM+DLLM2Rec over SLIM"),
+    ("slim_valid_over_slim_ndcg10", "slim_valid", "slim",
+     "one rationale per user (valid prefix, slim_valid) over one per split prefix (slim)"),
+]
+ORDER = ["none", "text", "slim", "slim_valid", "dllm2rec", "slim+dllm2rec", "text_match"]
+
+
 def report(results: dict, profiles: dict) -> None:
-    gains = {b: relative_gain(r["slim"], r["none"]) for b, r in results.items() if "slim" in r and "none" in r}
-    valid_only = {b: relative_gain(r["slim_valid"], r["slim"])
-                  for b, r in results.items() if "slim" in r and "slim_valid" in r}
+    summary, notes = {}, ["Mean ± std over seeds; selection on validation NDCG@10; test full ranking with history "
+                          "masked. `ID-agnostic` rows: text matching (`text_match`, one linear g_t on the frozen "
+                          "text vectors, no item ids; `-stepN` = that step's rationale vector only)."]
+    for name, a, b, label in COMPARISONS:
+        gains = {backbone: relative_gain(r[a], r[b]) for backbone, r in results.items() if a in r and b in r}
+        summary[name] = gains
+        if gains:
+            notes.append(f"Relative test NDCG@10 of {label} (means over the seeds both have): "
+                         + ", ".join(f"{backbone} {g:+.1%}" for backbone, g in gains.items())
+                         + paired_notes(results, a, b, f"seed std of {b}") + ".")
     lines = ["| backbone | variant | seeds x epochs | " + " | ".join(f"{p} {m.upper()}" for p, m in COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COLUMNS)]
-    order = ["none", "text", "slim", "slim_valid", "dllm2rec", "slim+dllm2rec", "text_match"]
     for backbone, variants in results.items():
-        for variant, metrics in sorted(variants.items(), key=lambda kv: (order.index(kv[0].split("-step")[0]), kv[0])):
+        for variant, metrics in sorted(variants.items(), key=lambda kv: (ORDER.index(kv[0].split("-step")[0]), kv[0])):
             cells = [f"{metrics[f'{p}/{m}']['mean']:.4f} ± {metrics[f'{p}/{m}']['std']:.4f}" for p, m in COLUMNS]
             runs = f"{len(metrics['seeds'])} x {metrics['epochs']}"
             lines.append(f"| {backbone} | {variant} | {runs} | " + " | ".join(cells) + " |")
     chart = plot(results, ROOT / "bench" / "results" / "slim.png")
-    notes = (f"Mean ± std over seeds; selection on validation NDCG@10; test full ranking with history masked. "
-             f"Relative NDCG@10 gain of SLIM over the base (means over the seeds both have): "
-             f"{', '.join(f'{b} {g:+.1%}' for b, g in gains.items()) or 'n/a'}"
-             + paired_notes(results, "slim", "none", "base seed std")
-             + f". One rationale per user (valid "
-             f"prefix, slim_valid) vs one per split prefix (slim): "
-             f"{', '.join(f'{b} {g:+.1%}' for b, g in valid_only.items()) or 'n/a'}"
-             + paired_notes(results, "slim_valid", "slim", "seed std")
-             + f". Rationale sources and "
-             f"per-seed runs in `bench/results/slim.json`. Chart: `{chart.name}`.\n\n"
-             + "".join(f"Rationales in `{source}`: {profile_line(p)}\n\n" for source, p in profiles.items())
-             + "Runs: " + "; ".join(f"`{c}`" for c in dict.fromkeys(
-                 c for v in results.values() for m in v.values() for c in m["commands"])) + ".")
+    notes.append(f"Rationale sources and per-seed runs in `bench/results/slim.json`. Chart: `{chart.name}`.")
+    notes += [f"Rationales in `{source}`: {profile_line(p)}" for source, p in profiles.items()]
+    notes.append("Runs: " + "; ".join(f"`{c}`" for c in dict.fromkeys(
+        c for v in results.values() for m in v.values() for c in m["commands"])) + ".")
     publish("slim", "SLIM fusion on ML-100k (base vs +text vs +rationale)",
-            {"summary": {"slim_over_base_ndcg10": gains, "slim_valid_over_slim_ndcg10": valid_only},
-             "results": results, "rationale_profiles": profiles}, "\n".join(lines), notes)
+            {"summary": summary, "results": results, "rationale_profiles": profiles}, "\n".join(lines),
+            "\n\n".join(notes))
 
 
 def summarize(per_seed: dict) -> dict:
@@ -274,22 +290,33 @@ def stage(run_dir: Path, workdir: Path, prefixes: str | None) -> Path:
 
 
 def plot(results: dict, out: Path) -> Path:
+    """Left: test NDCG@10 per backbone and ID-based variant; right: the ID-agnostic step ablation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    backbones = list(results)
-    variants = list(dict.fromkeys(v for r in results.values() for v in r))
-    width = 0.8 / len(variants)
+    backbones = [b for b in results if b != ID_AGNOSTIC]
+    fig, axes = plt.subplots(1, 2 if ID_AGNOSTIC in results else 1, figsize=(10, 3.8), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1]} if ID_AGNOSTIC in results else None)
+    ax = axes[0, 0]
+    variants = sorted({v for b in backbones for v in results[b]}, key=lambda v: (ORDER.index(v.split("-step")[0]), v))
+    width = 0.8 / max(len(variants), 1)
     for i, variant in enumerate(variants):
         cells = [results[b].get(variant, {}).get("full/ndcg@10", {"mean": 0.0, "std": 0.0}) for b in backbones]
-        means, stds = [c["mean"] for c in cells], [c["std"] for c in cells]
-        ax.bar(np.arange(len(backbones)) + i * width, means, width, yerr=stds, label=variant, capsize=3)
+        ax.bar(np.arange(len(backbones)) + i * width, [c["mean"] for c in cells], width,
+               yerr=[c["std"] for c in cells], label=variant, capsize=3)
     ax.set_xticks(np.arange(len(backbones)) + width * (len(variants) - 1) / 2, backbones)
     ax.set_ylabel("test NDCG@10 (full ranking)")
-    ax.legend()
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
+    ax.legend(fontsize=7, ncol=4, loc="upper center")
+    if ID_AGNOSTIC in results:
+        matchers = sorted(results[ID_AGNOSTIC])
+        cells = [results[ID_AGNOSTIC][v]["full/ndcg@10"] for v in matchers]
+        axes[0, 1].bar(range(len(matchers)), [c["mean"] for c in cells], yerr=[c["std"] for c in cells], capsize=3)
+        axes[0, 1].set_xticks(range(len(matchers)), [v.replace("text_match", "all").replace("all-", "")
+                                                     for v in matchers], fontsize=8)
+        axes[0, 1].set_title("ID-agnostic text matching", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return out
