@@ -60,11 +60,17 @@ def main() -> None:
                         help="a distilled LoRA folder (adapter/ + meta.json, e.g. bench/data/student_ml100k_lora): "
                         "prepare --run-dir, merge the student and backfill train/valid/test prefixes "
                         "(incremental: a finished backfill generates nothing)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="train config override (repeatable), e.g. train.dllm2rec.ranking_weight=0.1; "
+                        "needs --tag")
+    parser.add_argument("--tag", default=None, help="row suffix for --set runs: dllm2rec + --tag rw0.1 -> dllm2rec-rw0.1")
     parser.add_argument("--report-only", action="store_true",
                         help="re-render BENCHMARKS.md / slim.png from bench/results/slim.json, training nothing")
     parser.add_argument("--max-new-tokens", type=int, default=96,
                         help="student budget for --student-adapter (the tuned student writes ~85 tokens)")
     args = parser.parse_args()
+    if args.overrides and not args.tag:
+        parser.error("--set changes the model: name its rows with --tag")
     if args.student_adapter:
         build_run(args.run_dir, args.student_adapter, args.max_new_tokens)
 
@@ -81,6 +87,7 @@ def main() -> None:
             if fusion == "text_match" and backbone != args.backbones[0]:
                 continue  # backbone-free: measured once
             key = variant if args.rationale == "all" or not uses_rationale(fusion) else f"{variant}-{args.rationale}"
+            key += f"-{args.tag}" if args.tag else ""
             if prefixes not in workdirs:
                 workdirs[prefixes] = stage(args.run_dir, ROOT / "runs" / f"bench_slim_{prefixes}", prefixes)
             per_seed = {}
@@ -88,15 +95,16 @@ def main() -> None:
                 cfg = load_config(ROOT / "configs" / "ml100k.yaml", [
                     f"run.output_dir={workdirs[prefixes]}", f"run.seed={seed}", f"train.backbone={backbone}",
                     f"train.fusion={fusion}", f"train.rationale={args.rationale}", f"train.epochs={args.epochs}",
-                    "train.patience=100"])
+                    "train.patience=100", *args.overrides])
                 run_train(cfg)
                 r = run_evaluate(cfg)
                 per_seed[seed] = {"best_epoch": r["best_epoch"],
                                   **{f"{p}/{m}": r[p].get(m, float("nan")) for p, m in COLUMNS}}
-            setting = {"epochs": args.epochs, "rationales": os.path.relpath(args.run_dir / "backfill", ROOT)}
+            setting = {"epochs": args.epochs, "rationales": os.path.relpath(args.run_dir / "backfill", ROOT),
+                       **({"overrides": args.overrides} if args.overrides else {})}
             row = ID_AGNOSTIC if fusion == "text_match" else backbone  # text matching uses no backbone
             old = results.setdefault(row, {}).get(key)
-            if old and {k: old[k] for k in setting} == setting:  # same setting: other seeds are kept
+            if old and {k: old.get(k) for k in setting} == setting:  # same setting: other seeds are kept
                 per_seed = {**seeds_of(old), **per_seed}
                 commands = list(dict.fromkeys([*old["commands"], command()]))
             else:
@@ -132,7 +140,7 @@ def report(results: dict, profiles: dict) -> None:
     lines = ["| backbone | variant | seeds x epochs | " + " | ".join(f"{p} {m.upper()}" for p, m in COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COLUMNS)]
     for backbone, variants in results.items():
-        for variant, metrics in sorted(variants.items(), key=lambda kv: (ORDER.index(kv[0].split("-step")[0]), kv[0])):
+        for variant, metrics in sorted(variants.items(), key=lambda kv: (ORDER.index(kv[0].split("-")[0]), kv[0])):
             cells = [f"{metrics[f'{p}/{m}']['mean']:.4f} ± {metrics[f'{p}/{m}']['std']:.4f}" for p, m in COLUMNS]
             runs = f"{len(metrics['seeds'])} x {metrics['epochs']}"
             lines.append(f"| {backbone} | {variant} | {runs} | " + " | ".join(cells) + " |")
@@ -300,7 +308,7 @@ def plot(results: dict, out: Path) -> Path:
     fig, axes = plt.subplots(1, 2 if ID_AGNOSTIC in results else 1, figsize=(10, 3.8), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 1]} if ID_AGNOSTIC in results else None)
     ax = axes[0, 0]
-    variants = sorted({v for b in backbones for v in results[b]}, key=lambda v: (ORDER.index(v.split("-step")[0]), v))
+    variants = sorted({v for b in backbones for v in results[b]}, key=lambda v: (ORDER.index(v.split("-")[0]), v))
     width = 0.8 / max(len(variants), 1)
     for i, variant in enumerate(variants):
         cells = [results[b].get(variant, {}).get("full/ndcg@10", {"mean": 0.0, "std": 0.0}) for b in backbones]
