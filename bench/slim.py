@@ -126,6 +126,11 @@ COMPARISONS = [
 ORDER = ["none", "text", "slim", "slim_valid", "dllm2rec", "slim+dllm2rec", "text_match"]
 
 
+def variant_order(key: str) -> tuple[int, str]:
+    """Table order of a row key: its variant's place in ORDER, then -stepN / -tag suffixes by name."""
+    return ORDER.index(key.split("-")[0]), key
+
+
 def report(results: dict, profiles: dict) -> None:
     summary, notes = {}, ["Mean ± std over seeds; selection on validation NDCG@10; test full ranking with history "
                           "masked. `ID-agnostic` rows: text matching (`text_match`, one linear g_t on the frozen "
@@ -140,7 +145,7 @@ def report(results: dict, profiles: dict) -> None:
     lines = ["| backbone | variant | seeds x epochs | " + " | ".join(f"{p} {m.upper()}" for p, m in COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COLUMNS)]
     for backbone, variants in results.items():
-        for variant, metrics in sorted(variants.items(), key=lambda kv: (ORDER.index(kv[0].split("-")[0]), kv[0])):
+        for variant, metrics in sorted(variants.items(), key=lambda kv: variant_order(kv[0])):
             cells = [f"{metrics[f'{p}/{m}']['mean']:.4f} ± {metrics[f'{p}/{m}']['std']:.4f}" for p, m in COLUMNS]
             runs = f"{len(metrics['seeds'])} x {metrics['epochs']}"
             lines.append(f"| {backbone} | {variant} | {runs} | " + " | ".join(cells) + " |")
@@ -308,7 +313,7 @@ def plot(results: dict, out: Path) -> Path:
     fig, axes = plt.subplots(1, 2 if ID_AGNOSTIC in results else 1, figsize=(10, 3.8), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 1]} if ID_AGNOSTIC in results else None)
     ax = axes[0, 0]
-    variants = sorted({v for b in backbones for v in results[b]}, key=lambda v: (ORDER.index(v.split("-")[0]), v))
+    variants = sorted({v for b in backbones for v in results[b]}, key=variant_order)
     width = 0.8 / max(len(variants), 1)
     for i, variant in enumerate(variants):
         cells = [results[b].get(variant, {}).get("full/ndcg@10", {"mean": 0.0, "std": 0.0}) for b in backbones]
