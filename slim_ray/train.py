@@ -170,7 +170,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
                 "select_masks_history": tc.select_masks_history,
                 "epochs_run": last["epoch"], "history": last["history"], "strategy": tc.strategy,
                 "zero_stage": tc.zero_stage if tc.strategy == "deepspeed" else None,
-                "num_workers": tc.num_workers, "train_wall_s": time.perf_counter() - start}
+                "num_workers": tc.num_workers, "shuffle_buffer": tc.shuffle_buffer, "train_wall_s": time.perf_counter() - start}
 
         def write(tmp: Path) -> None:
             shutil.copy(Path(folder, "model.pt"), tmp / "model.pt")
