@@ -4,7 +4,8 @@ Executed with the separate RecBole environment (bench/setup_recbole_env.sh), nev
   .bench-venv-recbole/bin/python bench/recbole_runner.py --model SASRec --epochs 8 --out result.json
 Reports test metrics (full ranking) plus the split itself (raw user -> raw test item) so that
 bench/backbones.py can assert that both sides evaluated the identical split (`--split-only`: just
-the split, no training).
+the split, no training). `--export-weights CKPT` writes a trained model's weights with its item tokens
+(raw ids) to --out as .npz, so that bench/backbones.py can score RecBole's model with slim-ray's evaluator.
 """
 
 import argparse
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="ml-100k", help="ml-100k always reads RecBole's packaged copy")
     parser.add_argument("--out", required=True)
     parser.add_argument("--split-only", action="store_true", help="dump counts + test targets, no training")
+    parser.add_argument("--export-weights", default=None, help="a RecBole checkpoint (.pth) to export as .npz")
     args = parser.parse_args()
 
     import torch
@@ -56,6 +58,13 @@ def main() -> None:
     users = dataset.id2token(dataset.uid_field, test[dataset.uid_field].numpy())
     items = dataset.id2token(dataset.iid_field, test[dataset.iid_field].numpy())
     split = {**counts, "test_targets": {str(u): str(i) for u, i in zip(users, items)}}
+    if args.export_weights:
+        import numpy as np
+
+        state = torch.load(args.export_weights, map_location="cpu")["state_dict"]
+        np.savez(args.out, item_tokens=np.array(dataset.field2id_token[dataset.iid_field], dtype=str),
+                 **{key: value.numpy() for key, value in state.items()})
+        return
     if args.split_only:
         with open(args.out, "w") as f:
             json.dump(split, f)
@@ -71,7 +80,9 @@ def main() -> None:
     test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
     result = {
         "model": args.model, "epochs": args.epochs, "patience": args.patience, "seed": args.seed,
-        "train_s": train_s, "best_valid_ndcg10": float(best_valid),
+        "train_s": train_s, "best_valid_ndcg10": float(best_valid), "saved_model_file": trainer.saved_model_file,
+        # RecBole sums batch losses per epoch; per batch, as slim-ray reports it:
+        "train_loss": [float(loss) / len(train_data) for _, loss in sorted(trainer.train_loss_dict.items())],
         "test": {k.lower(): float(v) for k, v in test_result.items()}, **split,
     }
     with open(args.out, "w") as f:
