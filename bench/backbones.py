@@ -155,7 +155,8 @@ def one_pair(base, model: str, offset: int, args) -> dict:
     return {"recbole_model_under_our_evaluator": recbole_model_in_ours(model, recbole, args.workdir, items, sequences,
                                                                        cfg.data.max_len),
             "recbole_valid_ndcg10": recbole.get("best_valid_ndcg10"), "ours_valid_ndcg10": meta[SELECT_METRIC],
-            "recbole_train_loss": recbole.get("train_loss"),"seed_offset": offset, "ours": {m: report["full"][m.replace("hit", "hr")] for m in METRICS},
+            "recbole_train_loss": recbole.get("train_loss"), "seed_offset": offset,
+            "ours": {m: report["full"][m.replace("hit", "hr")] for m in METRICS},
             "recbole": {m: recbole["test"][m] for m in METRICS}, "ours_best_epoch": meta["best_epoch"],
             "ours_history_masked": {m: masked[m.replace("hit", "hr")] for m in METRICS},
             "ours_train_wall_s": meta.get("train_wall_s"), "recbole_train_s": recbole["train_s"],
@@ -180,17 +181,15 @@ def main() -> None:
 
     subprocess.run(["bash", str(ROOT / "bench" / "setup_recbole_env.sh")], check=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    if args.shuffle_buffer is None:  # a window as large as the table = a full reshuffle per epoch
-        probe = load_config(ROOT / "configs" / "ml100k.yaml", [f"run.output_dir={args.workdir}"])
-        run_prepare(probe.data, probe.prepared_dir)
-        args.shuffle_buffer = training_table(load_prepared(probe.prepared_dir)[1], probe.data.max_len).num_rows
     base = load_config(ROOT / "configs" / "ml100k.yaml", [
         f"run.output_dir={args.workdir}", f"train.epochs={args.epochs}", f"train.patience={args.patience}",
         "train.num_workers=1", "train.cpus_per_worker=2", "train.batch_size=256", "train.lr=0.001",
-        "train.select_masks_history=false",
-        f"train.shuffle_buffer={args.shuffle_buffer}"])
+        "train.select_masks_history=false"])
     stats = run_prepare(base.data, base.prepared_dir)
     items, sequences, _ = load_prepared(base.prepared_dir)
+    if args.shuffle_buffer is None:  # a window as large as the table = a full reshuffle per epoch
+        args.shuffle_buffer = training_table(sequences, base.data.max_len).num_rows
+    base = base.model_copy(update={"train": base.train.model_copy(update={"shuffle_buffer": args.shuffle_buffer})})
     check_identical_split(run_recbole(args.workdir, args.workdir / "recbole_split.json", "--split-only"),
                           stats, items, sequences)
 
