@@ -229,7 +229,7 @@ def main() -> None:
              "masked (RecBole's protocol for sequential models), model chosen on valid NDCG@10 under that same "
              "protocol by each side. RecBole reshuffles the training prefixes every epoch; ours shuffles the "
              "table once and then, per epoch, through a seeded Ray Data local shuffle window of the given size "
-             "(97,171 rows = the whole training table: a full reshuffle every epoch, ~0.4 s; rows measured "
+             "(97,171 rows = the whole training table: a full reshuffle every epoch; rows measured "
              "without a window replayed one order every epoch). Equal budgets, not converged runs: a "
              "floor for both sides, not the literature's converged numbers. Ours: Ray Train, 1 worker x 2 "
              "threads, time includes Ray start-up and per-epoch validation; RecBole: its trainer's fit() time. "
