@@ -29,14 +29,19 @@ ENGINES = {"naive_hf": "HF generate, batch 1 (naive loop)", "batched_hf": "HF ge
 
 def prompts(n: int) -> list[list[dict]]:
     from slim_ray.backfill import backfill_requests
+    from slim_ray.candidates import checkpoint_candidates
     from slim_ray.config import BackfillConfig, load_config
+    from slim_ray.prefixes import checkpoint_rows
     from slim_ray.prepare import load_prepared, run_prepare
 
-    cfg = load_config(ROOT / "configs" / "ml100k.yaml", [f"run.output_dir={ROOT / 'runs' / 'bench_generation'}"])
+    cfg = load_config(ROOT / "configs" / "ml100k.yaml", [f"run.output_dir={ROOT / 'runs' / 'bench_generation'}",
+                                                         "teacher.candidates=popular"])
     run_prepare(cfg.data, cfg.prepared_dir)
     items, sequences, stats = load_prepared(cfg.prepared_dir)
-    requests = backfill_requests(items, sequences, stats["domain"], BackfillConfig(splits=["valid"], max_users=n),
-                                 cfg.teacher.history_len, "bench")
+    rows = checkpoint_rows(sequences.head(n), per_user=1, stride=1)
+    rows = rows[rows["split"] == "valid"].reset_index(drop=True)  # one prompt per user: its training history
+    rows["candidate_ids"] = checkpoint_candidates(rows, sequences, len(items) + 1, cfg)  # popular (no fold models)
+    requests = backfill_requests(items, rows, stats["domain"], BackfillConfig(), cfg.teacher.history_len, "bench")
     return [json.loads(m) for m in requests["student_messages"]]
 
 

@@ -1,16 +1,19 @@
 """Distillation benchmark: rationale quality of teacher vs untuned vs tuned student, and memory.
 
-  python bench/rationales.py                                   # uses bench/data/teacher_ml100k.parquet
+  python bench/rationales.py --export bench/data/student_ml100k_v2   # teacher set v2, cross-fitted students
   python bench/rationales.py --memory                          # + peak RSS per worker: DDP/ZeRO-2/ZeRO-3
 
 The teacher set is produced once by `python bench/teacher.py --samples N --export bench/data`
-(resumable). Held-out users are never trained on; the untuned and tuned students answer the same
-simplified prompts. Writes bench/results/rationales.json and a BENCHMARKS.md section.
+(resumable). Cross-fitted (distill.cross_fit): one student per user fold, each trained without that
+fold and scored on it, so every held-out user is new to the student that answers; the untuned and
+tuned students answer the same grounded prompts. --export copies each fold's adapter + meta (and the
+quality report) to a folder that bench/slim.py --students and the demo's distill stage start from. Writes bench/results/rationales.json and a BENCHMARKS.md section.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from slim_ray.distill import run_distill  # noqa: E402
 from slim_ray.prepare import run_prepare  # noqa: E402
 from slim_ray.rationale_quality import run_evaluate_rationales  # noqa: E402
 
-METRICS = ("format_valid", "category_hit", "grounding")
+METRICS = ("format_valid", "category_hit", "grounding", "off_list")
 
 
 def memory_runs(base: list[str], workdir: Path, rationales: Path, rows: int) -> dict:
@@ -43,7 +46,7 @@ def memory_runs(base: list[str], workdir: Path, rationales: Path, rows: int) -> 
             f"run.output_dir={workdir / ('mem-' + name)}", "distill.epochs=1", "distill.num_workers=2",
             "distill.cpus_per_worker=1", *extra])
         run_prepare(cfg.data, cfg.prepared_dir)
-        meta = run_distill(cfg)
+        meta = run_distill(cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"cross_fit": False})}))
         peaks[name] = {"peak_rss_mb_per_worker": max(h["peak_rss_mb"] for h in meta["history"]),
                        "epoch_s": meta["history"][-1]["epoch_s"]}
     return peaks
@@ -51,7 +54,8 @@ def memory_runs(base: list[str], workdir: Path, rationales: Path, rows: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rationales", type=Path, default=ROOT / "bench" / "data" / "teacher_ml100k.parquet")
+    parser.add_argument("--rationales", type=Path, default=ROOT / "bench" / "data" / "teacher_ml100k_v2.parquet")
+    parser.add_argument("--export", type=Path, default=None, help="folder for fold{k}/adapter + meta.json")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--memory-rows", type=int, default=48, help="teacher rows per memory run")
@@ -64,23 +68,38 @@ def main() -> None:
     cfg = load_config(ROOT / "configs" / "ml100k.yaml",
                       base + args.overrides + [f"run.output_dir={args.workdir / 'main'}"])
     run_prepare(cfg.data, cfg.prepared_dir)
-    meta = run_distill(cfg)
+    students = run_distill(cfg)["students"]  # cross-fitted: one per fold
+    meta = {k: sum(m[k] for m in students.values()) for k in ("train_rows", "train_users")}
+    meta.update(folds=len(students), best_epoch="/".join(str(m["best_epoch"]) for m in students.values()),
+                students=students)
     report = run_evaluate_rationales(cfg)
+    if args.export:
+        from slim_ray.artifacts import student_dir
+
+        for fold in range(cfg.data.folds):
+            target = args.export / f"fold{fold}"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(student_dir(cfg, fold) / "adapter", target / "adapter")
+            shutil.copy(student_dir(cfg, fold) / "meta.json", target / "meta.json")
+        shutil.copy(student_dir(cfg) / "rationale_quality.json", args.export / "rationale_quality.json")
     summary = {name: {m: report[name][m] for m in METRICS} for name in ("teacher", "untuned", "tuned")}
     summary["heldout_users"] = report["teacher"]["users"]
     summary["tuned_over_teacher_category_hit"] = (report["tuned"]["category_hit"] / report["teacher"]["category_hit"]
                                                    if report["teacher"]["category_hit"] else None)
     results = {"summary": summary, "distill": {k: v for k, v in meta.items() if k != "heldout_users"},
                "samples": report["samples"]}
-    lines = ["| rationales from | format valid | step-2 category hit | step-3 grounding |", "|---|---|---|---|"]
+    lines = ["| rationales from | format valid | step-2 category hit | step-3 grounding | step-3 off the candidate list |",
+             "|---|---|---|---|---|"]
     for name in ("teacher", "untuned", "tuned"):
         lines.append(f"| {name} | {report[name]['format_valid']:.3f} | {report[name]['category_hit']:.3f} | "
-                     f"{report[name]['grounding']:.3f} |")
+                     f"{report[name]['grounding']:.3f} | {report[name]['off_list']:.3f} |")
     dc = cfg.distill
-    notes = (f"{meta['train_rows']} teacher rationales ({meta['train_users']} users) for LoRA r={dc.lora_r} on "
+    notes = (f"{meta['train_rows']} teacher rationales over {meta['folds']} cross-fitted students ({meta['train_users']} "
+             f"users; each student trains on the other folds' users) for LoRA r={dc.lora_r} on "
              f"{', '.join(dc.target_modules)} of SmolLM2-135M-Instruct, lr {dc.lr}, batch {dc.batch_size}, "
-             f"{dc.epochs} epochs (best: {meta['best_epoch']}), DeepSpeed ZeRO-{meta['zero_stage']}; "
-             f"{report['teacher']['users']} held-out users scored. Student generation: greedy, HF engine. "
+             f"{dc.epochs} epochs (best: {meta['best_epoch']}), DeepSpeed ZeRO-{dc.zero_stage}; "
+             f"{report['teacher']['users']} held-out users scored (each by the student that never saw its fold), "
+             f"off-list step-3 picks: tuned {report['tuned']['off_list']:.3f}. Student generation: greedy, HF engine. "
              f"Tuned / teacher category hit: {summary['tuned_over_teacher_category_hit'] or 0:.3f}.")
     if args.memory:
         results["memory"] = memory_runs(base, args.workdir, args.rationales, args.memory_rows)

@@ -94,11 +94,12 @@ def ann_vs_exact(cfg, n_queries: int = 943) -> dict:
 
     from slim_ray.evaluation import split_arrays
     from slim_ray.serve import IndexCore
-    from slim_ray.train import fusion_vectors, load_trained
+    from slim_ray.artifacts import fusion_vectors
+    from slim_ray.fusion import load_trained
 
     model, meta = load_trained(cfg.model_dir())
     _, sequences, _ = load_prepared(cfg.prepared_dir)
-    _, user_text = fusion_vectors(cfg, meta["n_items"], len(sequences) + 1)
+    _, user_text, _ = fusion_vectors(cfg, meta["n_items"], sequences)
     arrays = split_arrays(sequences.head(n_queries), "test", meta["max_len"],
                           None if user_text is None else user_text["test"])
     with torch.no_grad():

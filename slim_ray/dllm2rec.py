@@ -54,20 +54,13 @@ def target_matrices(rows: pd.DataFrame, histories: list[set[int]], index: TitleI
     return ids, confidence
 
 
-def distill_targets(rows: pd.DataFrame, items: pd.DataFrame, sequences: pd.DataFrame, n_users_plus_one: int,
-                    top_k: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{split: ([n_users + 1, top_k] target ids, confidences)} from the backfill's rationale rows, with
-    the same per-split prefix fallback as the rationale vectors."""
-    from slim_ray.backfill import split_prefixes
-    from slim_ray.fusion import by_user_and_split
-
-    prefixes = split_prefixes(sequences, sorted(set(rows["split"])))
-    seen = {(u, s): set(h) for u, s, h in zip(prefixes["user_id"], prefixes["split"], prefixes["history_ids"])}
-    histories = [seen.get((u, s), set()) for u, s in zip(rows["user_id"], rows["split"])]
+def distill_targets(rows: pd.DataFrame, items: pd.DataFrame, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """[rows + 1, top_k] target ids (0 = none) and confidences of the backfill's checkpoint rows, each
+    without the items of its own history; row 0 is empty. Aligned with `fusion.rationale_table`, so a
+    training row takes the targets of the same checkpoint as its rationale vector."""
+    histories = [set(int(i) for i in h) for h in rows["history_ids"]]
     ids, confidence = target_matrices(rows, histories, TitleIndex.from_items(items["item_id"], items["title"]), top_k)
-    ids_by_split = by_user_and_split(rows, ids, n_users_plus_one)
-    conf_by_split = by_user_and_split(rows, confidence, n_users_plus_one)
-    return {split: (ids_by_split[split], conf_by_split[split]) for split in ids_by_split}
+    return np.concatenate([np.zeros((1, top_k), ids.dtype), ids]), np.concatenate([np.zeros((1, top_k), confidence.dtype), confidence])
 
 
 def importance_weights(target_ids: torch.Tensor, confidence: torch.Tensor, logits: torch.Tensor,

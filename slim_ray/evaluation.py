@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from slim_ray.prefixes import split_prefix
+
 KS = (5, 10, 20)
 COLD_MAX_TRAIN_INTERACTIONS = 5
 
@@ -106,8 +108,7 @@ def split_arrays(sequences: pd.DataFrame, split: str, max_len: int,
     user_text [n_users + 1, T] (rationale vectors by user id) adds each row's `user_text`."""
     if split not in ("valid", "test"):
         raise ValueError(f"split must be valid or test, got {split!r}")
-    drop = 2 if split == "valid" else 1
-    full_history = [list(s)[:-drop] for s in sequences["item_ids"]]
+    full_history = [split_prefix(s, split)[0] for s in sequences["item_ids"]]
     inputs = [h[-max_len:] for h in full_history]
     item_seq = torch.zeros(len(inputs), max_len, dtype=torch.long)
     for row, h in enumerate(inputs):

@@ -8,11 +8,14 @@ ID-agnostic (`text_match`): z_i = g_t(z_i^text), s_u = g_t(s_u^text [+ mean text
   items are scored from their text alone, so items never seen in training are ranked too.
 
 Text vectors are frozen (from the backfill); every batch of a fused model carries `user_text`
-[B, T], the rationale vector of the row's prefix. `fusion_inputs` maps backfill output to the
-tensors the models and the training table need.
+[B, T]: the vector of the rationale written at the row's latest checkpoint before its target
+(`slim_ray.prefixes`; zeros when the row has none), never one whose history holds the target.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from slim_ray.models import SequentialRecommender, build_backbone
+from slim_ray.prefixes import CheckpointIndex
 
 VARIANTS = ("none", "text", "slim", "text_match")
 RATIONALE_VECTORS = {"all": "embedding", "step1": "step1_embedding", "step2": "step2_embedding",
@@ -95,6 +99,16 @@ def build_model(fusion: str, backbone: str, n_items: int, max_len: int, model_kw
                             use_rationale=fusion == "slim")
 
 
+def load_trained(model_dir: Path):
+    """(model in eval mode, meta) of an exported model folder (model.pt + meta.json)."""
+    meta = json.loads(Path(model_dir, "meta.json").read_text())
+    state = torch.load(Path(model_dir, "model.pt"))
+    model = build_model(meta.get("fusion", "none"), meta["backbone"], meta["n_items"], meta["max_len"],
+                        meta["model"], state.get("item_text"), meta.get("dllm2rec"))
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
 def uses_rationale(fusion: str) -> bool:
     return fusion in ("slim", "text_match", "slim+dllm2rec")
 
@@ -109,26 +123,13 @@ def item_text_matrix(items: pd.DataFrame, n_items: int) -> torch.Tensor:
     return torch.from_numpy(matrix)
 
 
-def rationale_vectors(rows: pd.DataFrame, n_users_plus_one: int, which: str = "all") -> dict[str, np.ndarray]:
-    """{split: [n_users + 1, T]} rationale vectors by user id (see `by_user_and_split`)."""
-    return by_user_and_split(rows, np.stack(rows[RATIONALE_VECTORS[which]].to_numpy()), n_users_plus_one)
+def rationale_table(rows: pd.DataFrame, which: str = "all") -> tuple[np.ndarray, CheckpointIndex]:
+    """[rows + 1, T] rationale vectors of the backfill's checkpoint rows (row 0: no rationale, zeros)
+    and their (user, cut) index; rows use them as `slim_ray.prefixes` says."""
+    vectors = np.stack(rows[RATIONALE_VECTORS[which]].to_numpy()).astype(np.float32)
+    return np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors]), CheckpointIndex(rows["user_id"], rows["cut"])
 
 
-PREFIX_FALLBACK = {"train": ["train", "valid"], "valid": ["valid", "train"], "test": ["test", "valid", "train"]}
-
-
-def by_user_and_split(rows: pd.DataFrame, values: np.ndarray, n_users_plus_one: int) -> dict[str, np.ndarray]:
-    """values[r] (one per rationale row) -> {split: [n_users + 1, ...]} indexed by user id. A split
-    without its own rationale falls back to another prefix that never contains the split's own
-    target (a backfill of the valid prefix only, one rationale per user, serves all three splits)."""
-    users, splits = rows["user_id"].to_numpy(), rows["split"].to_numpy()
-    out = {}
-    for split, sources in PREFIX_FALLBACK.items():
-        matrix = np.zeros((n_users_plus_one, *values.shape[1:]), dtype=values.dtype)
-        filled = np.zeros(n_users_plus_one, dtype=bool)
-        for source in sources:
-            take = (splits == source) & ~filled[users]
-            matrix[users[take]] = values[take]
-            filled[users[take]] = True
-        out[split] = matrix
-    return out
+def split_text(vectors: np.ndarray, index: CheckpointIndex, sequences: pd.DataFrame, split: str) -> np.ndarray:
+    """[n_users + 1, T] the rationale vector each user's valid or test row uses, by user id."""
+    return vectors[index.split_rows(sequences, split)]

@@ -1,7 +1,7 @@
 """The end-to-end pipeline behind the README's run command: every stage in order on one config.
 
-prepare -> train (backbone) -> evaluate -> teach (rationales for a sample of users, grounded by the
-backbone's top-K) -> distill (LoRA student) -> evaluate-rationales -> backfill (student rationales
+prepare -> train (backbone) -> evaluate -> train-folds (cross-fitted backbones that pick step-3
+candidates) -> teach (rationales for a sample of users at checkpoints, grounded by those candidates) -> distill (LoRA student) -> evaluate-rationales -> backfill (student rationales
 for every user, vectors into LanceDB) -> train-slim (the same backbone with SLIM fusion) ->
 evaluate-slim -> compare (base vs SLIM on test) -> index (the SLIM model's item vectors into LanceDB)
 -> serve-demo (Ray Serve app on a free loopback port: a known user, a raw history, a bad request).
@@ -26,6 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+from slim_ray.artifacts import student_dir
+from slim_ray.candidates import fold_model_name
 from slim_ray.config import Config
 from slim_ray.errors import ConfigError
 
@@ -60,7 +62,7 @@ def pipeline_stages(cfg: Config, results: dict[str, dict]) -> list[Stage]:
     from slim_ray.serve import build_index
     from slim_ray.serve_app import demo_requests
     from slim_ray.teach import run_teach
-    from slim_ray.train import run_evaluate, run_train
+    from slim_ray.train import run_evaluate, run_train, run_train_folds
 
     slim = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fusion": "slim"})})
     out = cfg.run.output_dir
@@ -68,8 +70,12 @@ def pipeline_stages(cfg: Config, results: dict[str, dict]) -> list[Stage]:
         Stage("prepare", lambda: run_prepare(cfg.data, cfg.prepared_dir), ("data",), (cfg.prepared_dir,)),
         Stage("train", lambda: run_train(cfg), ("train",), (cfg.model_dir() / "model.pt",)),
         Stage("evaluate", lambda: run_evaluate(cfg), outputs=(out / "eval" / f"{cfg.model_name}.json",)),
+        Stage("train-folds", lambda: run_train_folds(cfg), ("train",),
+              tuple(cfg.model_dir(fold_model_name(cfg.train.backbone, f, cfg.data.folds)) / "model.pt"
+                    for f in range(cfg.data.folds))),
         Stage("teach", lambda: run_teach(cfg), ("teacher",), (out / "teacher",)),
-        Stage("distill", lambda: run_distill(cfg), ("distill",), (out / "student" / "merged",)),
+        Stage("distill", lambda: run_distill(cfg), ("distill", "data"),
+              tuple(student_dir(cfg, f) / "merged" for f in (range(cfg.data.folds) if cfg.distill.cross_fit else [None]))),
         Stage("evaluate-rationales", lambda: run_evaluate_rationales(cfg),
               outputs=(out / "student" / "rationale_quality.json",)),
         Stage("backfill", lambda: run_backfill(cfg), ("backfill",), (out / "backfill" / "rationales.parquet",)),

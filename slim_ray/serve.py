@@ -44,7 +44,7 @@ def build_index(cfg: Config) -> dict:
     from lancedb.index import IvfHnswSq
 
     from slim_ray.backfill import vectors_table
-    from slim_ray.train import load_trained
+    from slim_ray.fusion import load_trained
 
     if not (cfg.model_dir() / "model.pt").is_file():
         raise DataError(f"no trained model at {cfg.model_dir()} (run `slim-ray train` first)")
@@ -99,7 +99,8 @@ class IndexCore:
 class RecommenderCore:
     def __init__(self, cfg: Config):
         from slim_ray.fusion import uses_rationale
-        from slim_ray.train import fusion_vectors, load_trained
+        from slim_ray.artifacts import fusion_vectors
+        from slim_ray.fusion import load_trained
 
         self.cfg = cfg
         items, sequences, _ = load_prepared(cfg.prepared_dir)
@@ -110,7 +111,7 @@ class RecommenderCore:
         self.model, self.meta = load_trained(cfg.model_dir())
         self.needs_rationale = uses_rationale(self.meta.get("fusion", "none"))
         self.rationales = cached_rationales(cfg)
-        _, user_text = fusion_vectors(cfg, self.meta["n_items"], len(sequences) + 1)
+        _, user_text, _ = fusion_vectors(cfg, self.meta["n_items"], sequences)
         self.user_text = None if user_text is None else user_text["test"]  # the newest prefix's rationale
 
     def item(self, item_id: int) -> dict:
@@ -135,6 +136,19 @@ class RecommenderCore:
     def history_items(self, item_ids: list[int]) -> list[dict]:
         return [self.item(i) for i in item_ids[-self.cfg.teacher.history_len:]]
 
+    def candidates(self, item_ids: list[int]) -> list[dict]:
+        """Step-3 candidates of a fresh rationale, grounded as at backfill time: the served model's top
+        unseen items for this history, scored with no rationale (a zero text vector, as training rows
+        before their user's first checkpoint)."""
+        n = self.cfg.teacher.n_candidates
+        dim = self.user_text.shape[1] if self.user_text is not None else 0
+        vector = torch.as_tensor(self.user_vector(item_ids, np.zeros(dim, np.float32)))
+        with torch.no_grad():
+            scores = self.model.item_vectors() @ vector
+        scores[0] = -torch.inf
+        scores[torch.as_tensor(sorted(set(item_ids)))] = -torch.inf
+        return [self.item(int(i)) for i in scores.topk(n).indices.tolist()]
+
     def user_vector(self, item_ids: list[int], user_text: np.ndarray | None) -> list[float]:
         max_len = self.meta["max_len"]
         recent = item_ids[-max_len:]
@@ -147,39 +161,41 @@ class RecommenderCore:
 
 
 def cached_rationales(cfg: Config) -> dict[int, dict]:
-    """user id -> the backfilled rationale of the user's newest prefix (empty without a backfill)."""
+    """user id -> the backfilled rationale of the user's newest checkpoint (empty without a backfill)."""
     path = cfg.run.output_dir / "backfill" / "rationales.parquet"
     if not path.is_file():
         return {}
-    rows = pd.read_parquet(path, columns=["user_id", "split", "rationale", "model_version"])
-    rows["order"] = rows["split"].map({"train": 0, "valid": 1, "test": 2})
-    newest = rows.sort_values("order").groupby("user_id").tail(1)
-    return {int(r.user_id): {"rationale": r.rationale, "model_version": r.model_version} for r in newest.itertuples()}
+    rows = pd.read_parquet(path, columns=["user_id", "cut", "rationale", "step1", "step2", "step3", "model_version",
+                                          "candidate_ids"])
+    newest = rows.sort_values("cut").groupby("user_id").tail(1)
+    return {int(r.user_id): {"rationale": r.rationale, "steps": [r.step1, r.step2, r.step3], "model_version": r.model_version,
+                             "candidates": [int(c) for c in r.candidate_ids]} for r in newest.itertuples()}
 
 
 class StudentCore:
     def __init__(self, cfg: Config, engine: str = "hf"):
-        from slim_ray.backfill import load_encoder, model_version, student_path
+        from slim_ray.artifacts import student_paths
+        from slim_ray.backfill import load_encoder, model_version
         from slim_ray.student import make_generator
 
-        path = student_path(cfg)
+        path = next(iter(student_paths(cfg).values()))  # a new history is in no fold: any student serves it
         self.version, self.domain = model_version(path), load_prepared(cfg.prepared_dir)[2]["domain"]
         self.generator = make_generator(engine, path, threads=1)
         self.encoder = load_encoder(cfg.backfill.encoder, threads=1)
         self.max_new_tokens = cfg.backfill.max_new_tokens
 
-    def explain(self, history: list[dict]) -> dict:
+    def explain(self, history: list[dict], candidates: list[dict]) -> dict:
         from slim_ray.prompts import parse_rationale, student_messages
 
-        texts, _ = self.generator.generate([student_messages(history, self.domain)], self.max_new_tokens)
+        texts, _ = self.generator.generate([student_messages(history, candidates, self.domain)], self.max_new_tokens)
         vector = self.encoder.encode(texts, normalize_embeddings=True)[0].astype(np.float32)
         return {"rationale": texts[0], "steps": parse_rationale(texts[0]).steps, "vector": vector.tolist(),
-                "model_version": self.version}
+                "model_version": self.version, "candidates": [int(c["item_id"]) for c in candidates]}
 
 
 async def recommend(core: RecommenderCore, explain_fn, search_fn, user_id: str | None, history: list[str] | None,
                     k: int, exclude_seen: bool, explain: bool) -> dict:
-    """The request flow. `explain_fn(history_items)` and `search_fn(vector, k, exclude)` are async:
+    """The request flow. `explain_fn(history_items, candidates)` and `search_fn(vector, k, exclude)` are async:
     Serve handle calls in the app, wrapped plain calls in tests."""
     timings, start = {}, time.perf_counter()
     clock = start
@@ -195,11 +211,11 @@ async def recommend(core: RecommenderCore, explain_fn, search_fn, user_id: str |
     cached = core.rationales.get(known_user) if known_user is not None else None
     rationale, source, vector_text = None, None, None
     if cached is not None:
-        rationale, source = {"rationale": cached["rationale"], "model_version": cached["model_version"]}, "cached"
+        rationale, source = dict(cached), "cached"  # the same shape as a fresh explanation, without its vector
         vector_text = core.user_text[known_user] if core.user_text is not None else None
     lap("resolve")
     if cached is None and (explain or core.needs_rationale):
-        fresh = await explain_fn(core.history_items(item_ids))
+        fresh = await explain_fn(core.history_items(item_ids), core.candidates(item_ids))
         vector_text = np.asarray(fresh.pop("vector"), dtype=np.float32)
         rationale, source = fresh, "fresh"
         lap("student")

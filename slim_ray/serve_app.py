@@ -77,8 +77,8 @@ class Student:
     def __init__(self, config: dict, engine: str):
         self.core = StudentCore(Config(**config), engine)
 
-    def explain(self, history: list[dict]) -> dict:
-        return self.core.explain(history)
+    def explain(self, history: list[dict], candidates: list[dict]) -> dict:
+        return self.core.explain(history, candidates)
 
 
 api = FastAPI(title="slim-ray recommend-and-explain", version="1",
@@ -131,10 +131,10 @@ class RecommendAPI:
 
     @api.post("/v1/recommend", response_model=RecommendResponse)
     async def recommend(self, body: RecommendRequest) -> dict:
-        async def explain(history):
+        async def explain(history, candidates):
             if self.student is None:
                 raise RequestError(503, "no student deployment: explanations for new histories are off")
-            return await self.student.explain.remote(history)
+            return await self.student.explain.remote(history, candidates)
 
         async def search(vector, k, exclude):
             return await self.index.search.remote(vector, k, exclude)

@@ -1,7 +1,8 @@
 """Stage `teach`: a large teacher LLM writes 3-step rationales for a seeded sample of users.
 
-Pure core: `build_requests` (sample users, ground step 3 with candidates, render prompts, content
-hashes), `annotate` (parse + grounding flags), `summarize` (the ledger). Ray wrapper: Ray Data
+Pure core: `teach_checkpoints` (a seeded sample of users, each at one of its checkpoints,
+slim_ray.prefixes), `build_requests` (teacher and student prompts grounded by the same cross-fitted
+candidates, slim_ray.candidates; content hashes), `annotate` (parse + grounding flags), `summarize` (the ledger). Ray wrapper: Ray Data
 streams the requests through `TeacherActor`s (map_batches on an actor pool), each calling the API
 through `ChatCaller` (retries, backoff, Retry-After, a rate limiter shared as a Ray actor, cache).
 Every input row comes out as a rationale or as a recorded failure; rows are never dropped.
@@ -20,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
 
+from slim_ray.candidates import checkpoint_candidates
 from slim_ray.config import Config, TeacherConfig
 from slim_ray.errors import DataError
-from slim_ray.evaluation import item_popularity, mask_seen, split_arrays
 from slim_ray.llm_api import ChatCaller, ResponseCache, TokenBucketLimiter, resolve_api_key
+from slim_ray.prefixes import checkpoint_rows
 from slim_ray.prepare import load_prepared, write_atomic_dir
 from slim_ray.prompts import (
     PROMPT_VERSION, TitleIndex, named_aspects, prompt_hash, student_messages, teacher_messages, validate,
@@ -33,14 +34,14 @@ from slim_ray.prompts import (
 
 _LIST_INT, _LIST_STR = pa.list_(pa.int32()), pa.list_(pa.string())
 OUTPUT_SCHEMA = pa.schema([
-    ("user_id", pa.int32()), ("raw_user_id", pa.string()), ("split", pa.string()),
+    ("user_id", pa.int32()), ("raw_user_id", pa.string()), ("cut", pa.int32()), ("split", pa.string()),
     ("history_ids", _LIST_INT), ("seen_ids", _LIST_INT), ("candidate_ids", _LIST_INT),
     ("next_item_id", pa.int32()),
     ("teacher_messages", pa.string()), ("student_messages", pa.string()), ("cache_key", pa.string()),
     ("model", pa.string()), ("prompt_version", pa.string()),
     ("rationale", pa.string()), ("finish_reason", pa.string()), ("steps", _LIST_STR), ("parsed", pa.bool_()),
     ("flags", _LIST_STR), ("named", pa.int32()), ("in_catalogue", pa.int32()), ("in_history", pa.int32()),
-    ("unknown", pa.int32()), ("named_item_ids", _LIST_INT), ("step2_aspects", _LIST_STR),
+    ("unknown", pa.int32()), ("off_list", pa.int32()), ("named_item_ids", _LIST_INT), ("step2_aspects", _LIST_STR),
     ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()), ("attempts", pa.int32()),
     ("retries", pa.int32()), ("retry_reasons", _LIST_STR), ("error", pa.string()),
     ("error_detail", pa.string()), ("from_cache", pa.bool_()), ("latency_s", pa.float64()),
@@ -53,57 +54,49 @@ def aspect_vocabulary(items: pd.DataFrame, limit: int = 30) -> list[str]:
     return sorted(counts.index.tolist()) if 0 < len(counts) <= limit else []
 
 
-def candidate_ids(history: set[int], popular: np.ndarray, n: int, rng: np.random.Generator,
-                  preferred: list[int] = ()) -> list[int]:
-    """`preferred` (e.g. a backbone's top-K) first, then popular unseen items; shuffled (seeded)."""
-    picked: list[int] = []
-    for item in list(preferred) + popular.tolist():
-        if len(picked) == n:
-            break
-        if item not in history and item not in picked and item > 0:
-            picked.append(int(item))
-    rng.shuffle(picked)
-    return picked
+def teach_checkpoints(sequences: pd.DataFrame, num_samples: int, seed: int, per_user: int, stride: int) -> pd.DataFrame:
+    """A seeded sample of users, each at one of its checkpoints (drawn seeded per user, so a user's row
+    is the same whatever else is sampled): the student later writes for every checkpoint, so it
+    learns from all kinds (training, valid, test)."""
+    eligible = sequences[sequences["item_ids"].map(len) >= 4]
+    # Sample order (not sorted): a larger sample's first rows are the smaller one's, so a run cut short
+    # has taught a prefix of the sample, and `num_samples` = what is cached re-exports exactly that.
+    sample = eligible.sample(n=min(num_samples, len(eligible)), random_state=seed)
+    rows = checkpoint_rows(sample, per_user, stride)
+    pick = {int(u): np.random.default_rng([seed, int(u)]).choice(cuts.to_numpy())
+            for u, cuts in rows.groupby("user_id")["cut"]}
+    return rows[[pick[int(u)] == c for u, c in zip(rows["user_id"], rows["cut"])]].reset_index(drop=True)
 
 
-def build_requests(items: pd.DataFrame, sequences: pd.DataFrame, tc: TeacherConfig, domain: str,
-                   seed: int, num_samples: int | None = None,
-                   preferred: dict[int, list[int]] | None = None) -> pd.DataFrame:
-    """One request row per sampled user: prompts over the training prefix (valid/test stay unseen)."""
-    eligible = sequences[sequences["train_item_ids"].map(len) >= 2]
-    n = min(num_samples or tc.num_samples, len(eligible))
-    sample = eligible.sample(n=n, random_state=seed).sort_values("user_id")
+def build_requests(items: pd.DataFrame, rows: pd.DataFrame, candidates: list[list[int]], tc: TeacherConfig,
+                   domain: str) -> pd.DataFrame:
+    """One request per checkpoint row: the teacher's and the student's prompts over the same history
+    (the last history_len items of s[:cut]) and the same candidates; content hashes."""
     by_id = items.set_index("item_id")[["title", "categories", "brand", "year"]].to_dict("index")
-    counts, _ = item_popularity(sequences["train_item_ids"], len(items) + 1)
-    popular = np.argsort(-counts, kind="stable")
     vocabulary = aspect_vocabulary(items)
     params = {"model": tc.model, "max_tokens": tc.max_tokens, "temperature": tc.temperature}
-    rows = []
-    for user in sample.itertuples():
-        train = [int(i) for i in user.train_item_ids]
-        history = train[-tc.history_len:]
-        # Seeded per user, so a user's prompt (and cache key) is the same whatever else is sampled.
-        rng = np.random.default_rng([seed, int(user.user_id)])
-        cands = candidate_ids(set(train), popular, tc.n_candidates, rng, (preferred or {}).get(user.user_id, []))
-        teacher = teacher_messages([by_id[i] for i in history], [by_id[i] for i in cands], domain,
-                                   tc.n_recommend, vocabulary)
-        rows.append({
-            "user_id": user.user_id, "raw_user_id": user.raw_user_id, "split": "train",
-            "history_ids": history, "seen_ids": train, "candidate_ids": cands,
-            "next_item_id": int(user.valid_target),
-            "teacher_messages": json.dumps(teacher),
-            "student_messages": json.dumps(student_messages([by_id[i] for i in history], domain)),
+    out = []
+    for row, cands in zip(rows.itertuples(index=False), candidates):
+        seen = [int(i) for i in row.history_ids]
+        history = [by_id[i] for i in seen[-tc.history_len:]]
+        offered = [by_id[i] for i in cands]
+        teacher = teacher_messages(history, offered, domain, tc.n_recommend, vocabulary)
+        out.append({
+            "user_id": row.user_id, "raw_user_id": row.raw_user_id, "cut": row.cut, "split": row.split,
+            "history_ids": seen[-tc.history_len:], "seen_ids": seen, "candidate_ids": list(cands),
+            "next_item_id": int(row.next_item_id), "teacher_messages": json.dumps(teacher),
+            "student_messages": json.dumps(student_messages(history, offered, domain)),
             "cache_key": prompt_hash(teacher, **params), "model": tc.model, "prompt_version": PROMPT_VERSION,
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(out)
 
 
 def annotate(row: dict, index: TitleIndex, vocabulary: list[str]) -> dict:
     """Parse the rationale into steps and flag items that are seen or not in the catalogue."""
     if row.get("rationale") is None:
         return {"steps": ["", "", ""], "parsed": False, "flags": ["failed"], "named": 0, "in_catalogue": 0,
-                "in_history": 0, "unknown": 0, "named_item_ids": [], "step2_aspects": []}
-    checked = validate(row["rationale"], index, set(row["seen_ids"]))  # the whole known history
+                "in_history": 0, "unknown": 0, "off_list": 0, "named_item_ids": [], "step2_aspects": []}
+    checked = validate(row["rationale"], index, set(row["seen_ids"]), set(row["candidate_ids"]))
     checked["step2_aspects"] = named_aspects(checked["steps"][1], vocabulary) if vocabulary else []
     checked["named_item_ids"] = checked.pop("item_ids")
     return checked
@@ -159,35 +152,12 @@ def summarize(results: pd.DataFrame, tc: TeacherConfig, wall_s: float) -> dict:
         "truncated": int((results["finish_reason"] == "length").sum()),
         "flagged_history_item": int(results["flags"].map(lambda f: "history_item" in f).sum()),
         "flagged_unknown_item": int(results["flags"].map(lambda f: "unknown_item" in f).sum()),
+        "flagged_off_list": int(results["flags"].map(lambda f: "off_list" in f).sum()),
         "wall_s": wall_s,
         "rationales_per_min": float(ok[fresh].sum() / wall_s * 60) if wall_s > 0 else 0.0,
         "model": tc.model, "base_url": tc.base_url, "prompt_version": PROMPT_VERSION,
         "candidates": tc.candidates,
     }
-
-
-def top_unseen(model, sequences: pd.DataFrame, max_len: int, k: int) -> dict[int, list[int]]:
-    """Each user's k best-scored items after the training prefix, history excluded, best first."""
-    arrays = split_arrays(sequences, "valid", max_len)  # input = training prefix; valid/test stay unseen
-    with torch.no_grad():
-        scores = model.full_sort_predict(arrays)
-    top = mask_seen(scores, arrays["history"]).topk(k, dim=1).indices.tolist()
-    return dict(zip(sequences["user_id"].tolist(), top))
-
-
-def backbone_preferences(cfg: Config, sequences: pd.DataFrame) -> dict[int, list[int]]:
-    """teacher.candidates=backbone: the trained base backbone's top unseen items per user."""
-    from slim_ray.train import load_trained
-
-    tc = cfg.teacher
-    if tc.candidates == "popular":
-        return {}
-    model_dir = cfg.model_dir(cfg.train.backbone)  # the base model: fused ones need rationales first
-    if not (model_dir / "model.pt").is_file():
-        raise DataError(f"teacher.candidates=backbone needs a trained {cfg.train.backbone} at {model_dir}: "
-                        "run `slim-ray train` first, or set teacher.candidates=popular")
-    model, meta = load_trained(model_dir)
-    return top_unseen(model, sequences, meta["max_len"], min(tc.backbone_candidates, tc.n_candidates))
 
 
 @contextlib.contextmanager
@@ -220,8 +190,11 @@ def _run_teach(cfg: Config, num_samples: int | None) -> dict:
 
     tc = cfg.teacher
     items, sequences, stats = load_prepared(cfg.prepared_dir)
-    requests = build_requests(items, sequences, tc, stats["domain"], cfg.run.seed, num_samples,
-                              backbone_preferences(cfg, sequences))
+    dc = cfg.data
+    rows = teach_checkpoints(sequences, num_samples or tc.num_samples, cfg.run.seed, dc.checkpoints_per_user,
+                             dc.checkpoint_stride)
+    requests = build_requests(items, rows, checkpoint_candidates(rows, sequences, len(items) + 1, cfg), tc,
+                              stats["domain"])
     cache_dir = (tc.cache_dir or cfg.run.output_dir / "teacher_cache").resolve()
     start = time.perf_counter()
     with ray_session(cfg.ray):

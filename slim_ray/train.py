@@ -18,40 +18,50 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from slim_ray.artifacts import fusion_vectors, load_backfill
+from slim_ray.candidates import fold_model_name
 from slim_ray.config import Config, TrainConfig
 from slim_ray.distributed import Engine, early_stopping, report_epoch, restore_state, worker_env
+from slim_ray.errors import DataError
 from slim_ray.evaluation import evaluate
-from slim_ray.fusion import build_model, item_text_matrix, rationale_vectors, uses_rationale
+from slim_ray.fusion import build_model, load_trained
+from slim_ray.prefixes import CheckpointIndex, check_leak_free, fold_of, train_positions
 from slim_ray.prepare import load_prepared, write_atomic_dir
 
 SELECT_METRIC = "valid_ndcg@10"
 
 
-def training_table(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | None = None) -> pa.Table:
-    """One row per (history prefix -> next item) of each training sequence, right-padded.
+def training_table(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | None = None,
+                   index: CheckpointIndex | None = None) -> pa.Table:
+    """One row per (history prefix -> next item) of each training sequence, right-padded, with the
+    target's position and the checkpoint row (`index`, 0 = none) whose rationale the row may use.
 
     With shuffle_seed the rows come in a random order, so that Ray Data's local shuffle buffer
     (a window, not a global shuffle) still mixes users from the whole dataset in every batch.
     """
     from ray.data.extensions import ArrowTensorArray
 
-    seqs, lens, targets, users = [], [], [], []
-    for user, train in zip(sequences["user_id"], sequences["train_item_ids"]):
-        train = np.asarray(train, dtype=np.int32)
-        for t in range(1, len(train)):
-            users.append(user)
-            history = train[max(0, t - max_len):t]
+    seqs, lens, targets, users, positions, text_rows = [], [], [], [], [], []
+    for user, seq in zip(sequences["user_id"], sequences["item_ids"]):
+        seq = np.asarray(seq, dtype=np.int32)
+        for t in train_positions(len(seq)):
+            history = seq[max(0, t - max_len):t]
             row = np.zeros(max_len, dtype=np.int32)
             row[: len(history)] = history
             seqs.append(row)
             lens.append(len(history))
-            targets.append(train[t])
+            targets.append(seq[t])
+            users.append(user)
+            positions.append(t)
+            text_rows.append(index.row_for(user, t) if index is not None else 0)
     order = (np.random.default_rng(shuffle_seed).permutation(len(seqs)) if shuffle_seed is not None
              else np.arange(len(seqs)))
     return pa.table({"item_seq": ArrowTensorArray.from_numpy(np.stack(seqs)[order]),
                      "item_seq_len": np.asarray(lens, dtype=np.int32)[order],
                      "pos_item": np.asarray(targets, dtype=np.int32)[order],
-                     "user_id": np.asarray(users, dtype=np.int32)[order]})
+                     "user_id": np.asarray(users, dtype=np.int32)[order],
+                     "target_pos": np.asarray(positions, dtype=np.int32)[order],
+                     "text_row": np.asarray(text_rows, dtype=np.int64)[order]})
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -64,7 +74,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(tc.cpus_per_worker)
     torch.manual_seed(config["seed"])  # identical init on every rank
     item_text, user_text = config["item_text"], config["user_text"]  # None without fusion
-    targets = config["distill_targets"]  # {split: (item ids, confidences)} for DLLM2Rec, else None
+    targets = config["distill_targets"]  # (item ids, confidences) per checkpoint row for DLLM2Rec, else None
     build = lambda: build_model(tc.fusion, tc.backbone, config["n_items"], config["max_len"], tc.model,  # noqa: E731
                                 None if item_text is None else torch.from_numpy(item_text), tc.dllm2rec.model_dump())
     model, scorer = build(), build()
@@ -86,12 +96,12 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in shard.iter_torch_batches(
                 batch_size=micro_batch, local_shuffle_buffer_size=tc.shuffle_buffer or None,
                 local_shuffle_seed=config["seed"] + epoch, device=engine.device):
-            users = batch["user_id"].cpu().numpy()
-            if user_text is not None:  # the rationale vector of each row's user (training prefix)
-                batch["user_text"] = torch.from_numpy(user_text["train"][users]).to(engine.device)
-            if targets is not None:  # the items that user's rationale names, with match confidences
-                batch["teacher_items"] = torch.from_numpy(targets["train"][0][users]).to(engine.device)
-                batch["teacher_conf"] = torch.from_numpy(targets["train"][1][users]).to(engine.device)
+            rows = batch["text_row"].cpu().numpy()  # each row's latest checkpoint before its target
+            if user_text is not None:
+                batch["user_text"] = torch.from_numpy(user_text["rows"][rows]).to(engine.device)
+            if targets is not None:  # the items that checkpoint's rationale names, with match confidences
+                batch["teacher_items"] = torch.from_numpy(targets[0][rows]).to(engine.device)
+                batch["teacher_conf"] = torch.from_numpy(targets[1][rows]).to(engine.device)
             loss = engine(batch)
             engine.step(loss)
             total, steps = total + loss.item(), steps + 1
@@ -116,8 +126,11 @@ def train_loop_per_worker(config: dict) -> None:
             break
 
 
-def run_train(cfg: Config, resume: bool = False) -> dict:
-    """Train cfg.train.backbone; export the best-validation model to cfg.model_dir(). Returns meta."""
+def run_train(cfg: Config, resume: bool = False, holdout_fold: int | None = None) -> dict:
+    """Train cfg.train.backbone; export the best-validation model to cfg.model_dir(). Returns meta.
+
+    holdout_fold: train (and select) on the users of every other fold only, into
+    cfg.model_dir(fold_model_name(...)): the cross-fitted models that pick step-3 candidates."""
     import ray.data
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -127,21 +140,32 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
     tc = cfg.train
     items, sequences, _ = load_prepared(cfg.prepared_dir)
     n_items, max_len = len(items) + 1, cfg.data.max_len
+    model_name, model_dir = cfg.model_name, cfg.model_dir()
+    if holdout_fold is not None:
+        if tc.fusion != "none":
+            raise DataError("cross-fitted fold models are base backbones (train.fusion=none)")
+        model_name = fold_model_name(tc.backbone, holdout_fold, cfg.data.folds)
+        model_dir = cfg.model_dir(model_name)
+        sequences = sequences[fold_of(sequences["user_id"].to_numpy(), cfg.data.folds) != holdout_fold]
     storage = (cfg.run.output_dir / "ray_train").resolve()
-    name = f"train-{cfg.model_name}"
-    item_text, user_text = fusion_vectors(cfg, len(items) + 1, len(sequences) + 1)
+    name = f"train-{model_name}"
+    item_text, user_text, index = fusion_vectors(cfg, n_items, sequences)
+    table = training_table(sequences, max_len, shuffle_seed=cfg.run.seed, index=index)
+    if tc.leaky_baseline and index is not None:  # the old design, measured beside the new one
+        valid_rows = index.split_rows(sequences, "valid")[table.column("user_id").to_numpy()]
+        table = table.set_column(table.schema.get_field_index("text_row"), "text_row", pa.array(valid_rows))
+    guard = leak_guard(cfg, sequences, table) if index is not None else None
     targets = None
     if "dllm2rec" in tc.fusion:
-        from slim_ray.backfill import load_backfill
         from slim_ray.dllm2rec import distill_targets
 
-        targets = distill_targets(load_backfill(cfg)[0], items, sequences, len(sequences) + 1, tc.dllm2rec.top_k)
+        targets = distill_targets(load_backfill(cfg)[0], items, tc.dllm2rec.top_k)
     if not resume:
         shutil.rmtree(storage / name, ignore_errors=True)
     env = worker_env(tc.use_gpu, tc.cpus_per_worker)
     start = time.perf_counter()
     with ray_session(cfg.ray, env=env):
-        train_ds = ray.data.from_arrow(training_table(sequences, max_len, shuffle_seed=cfg.run.seed))
+        train_ds = ray.data.from_arrow(table)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"train": tc.model_dump(), "seed": cfg.run.seed, "n_items": n_items,
@@ -163,7 +187,8 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
         last = json.loads(Path(folder, "state.json").read_text())
     with best.as_directory() as folder:
         state = json.loads(Path(folder, "state.json").read_text())
-        meta = {"backbone": tc.backbone, "fusion": tc.fusion, "rationale": tc.rationale, "name": cfg.model_name,
+        meta = {"backbone": tc.backbone, "fusion": tc.fusion, "rationale": tc.rationale, "name": model_name,
+                "holdout_fold": holdout_fold, "folds": cfg.data.folds, "leak_guard": guard,
                 "model": tc.model, "n_items": n_items, "max_len": max_len,
                 "dllm2rec": tc.dllm2rec.model_dump() if "dllm2rec" in tc.fusion else None,
                 "best_epoch": state["best_epoch"], SELECT_METRIC: state["best"],
@@ -176,35 +201,34 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
             shutil.copy(Path(folder, "model.pt"), tmp / "model.pt")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
-        write_atomic_dir(cfg.model_dir(), write)
+        write_atomic_dir(model_dir, write)
     return meta
 
 
-def fusion_vectors(cfg: Config, n_items: int, n_users: int) -> tuple[np.ndarray | None, dict | None]:
-    """Item text matrix and per-split rationale matrices from the backfill, as the variant needs."""
-    if cfg.train.fusion == "none":
-        return None, None
-    from slim_ray.backfill import load_backfill
-
-    rows, items = load_backfill(cfg)
-    item_text = item_text_matrix(items, n_items).numpy()
-    return item_text, (rationale_vectors(rows, n_users, cfg.train.rationale) if uses_rationale(cfg.train.fusion)
-                       else None)
+def run_train_folds(cfg: Config) -> dict:
+    """The cross-fitted base backbones, one per fold, each trained without that fold's users: they
+    pick the step-3 candidates of that fold's users (slim_ray.candidates)."""
+    base = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fusion": "none"})})
+    metas = {fold: run_train(base, holdout_fold=fold) for fold in range(cfg.data.folds)}
+    return {"folds": cfg.data.folds, "models": {m["name"]: {"best_epoch": m["best_epoch"], SELECT_METRIC: m[SELECT_METRIC]}
+                                                for m in metas.values()}}
 
 
-def load_trained(model_dir: Path):
-    meta = json.loads(Path(model_dir, "meta.json").read_text())
-    state = torch.load(Path(model_dir, "model.pt"))
-    model = build_model(meta.get("fusion", "none"), meta["backbone"], meta["n_items"], meta["max_len"],
-                        meta["model"], state.get("item_text"), meta.get("dllm2rec"))
-    model.load_state_dict(state)
-    return model.eval(), meta
+def leak_guard(cfg: Config, sequences: pd.DataFrame, table: pa.Table) -> dict:
+    """Refuses to train when a training row would use a rationale written from a history that holds
+    its target, or one whose candidates/student came from a model that saw the user (see prefixes)."""
+    rows, _ = load_backfill(cfg)
+    report = check_leak_free(sequences, rows, table.column("user_id").to_numpy(),
+                             table.column("target_pos").to_numpy(), table.column("text_row").to_numpy(), cfg.data.folds)
+    report["leak_free"] = report["violations"] == 0 and report["student_cross_fitted"]
+    if report["violations"] and not cfg.train.leaky_baseline:
+        raise DataError(f"leak guard: {report['violations']} training rows would see a rationale written "
+                        f"after their target or by a model trained on their user ({report['first']})")
+    return report
 
 
 def run_evaluate(cfg: Config, split: str = "test", mask_history: bool = True) -> dict:
     """Evaluate the exported model of cfg.train.backbone; writes RUN_DIR/eval/<backbone>.json."""
-    from slim_ray.errors import DataError
-
     model_dir = cfg.model_dir()
     if not (model_dir / "model.pt").is_file():
         raise DataError(f"no trained model at {model_dir} (run `slim-ray train` first)")
@@ -212,7 +236,7 @@ def run_evaluate(cfg: Config, split: str = "test", mask_history: bool = True) ->
     model, meta = load_trained(model_dir)
     if meta["n_items"] != len(items) + 1:
         raise DataError(f"{model_dir}: model has {meta['n_items'] - 1} items, dataset has {len(items)}")
-    _, user_text = fusion_vectors(cfg, meta["n_items"], len(sequences) + 1)
+    _, user_text, _ = fusion_vectors(cfg, meta["n_items"], sequences)
     report = {"backbone": meta["backbone"], "model": cfg.model_name, "best_epoch": meta["best_epoch"],
               **evaluate(model, sequences, meta["n_items"], meta["max_len"], split=split,
                          negatives=cfg.train.eval_negatives, seed=cfg.run.seed, mask_history=mask_history,

@@ -125,7 +125,7 @@ def slim_run_overrides(root: Path, student: str, name: str, epochs: int = 2) -> 
     """Config for a tiny SLIM-fused SASRec on the ring dataset, backfilled by `student` (HF engine)."""
     return [f"data.interactions={root / 'r.inter'}", f"data.items={root / 'r.item'}",
             f"run.output_dir={root / name}", "ray.object_store_memory_mb=100", "backfill.engine=hf",
-            f"backfill.student={student}", "backfill.max_new_tokens=16", "backfill.splits=[valid]",
+            f"backfill.student={student}", "backfill.max_new_tokens=16",
             "backfill.cpus_per_actor=1", "train.fusion=slim", f"train.epochs={epochs}", "train.batch_size=32",
             "train.eval_negatives=10", "train.cpus_per_worker=1",
             "train.model={hidden_size: 16, inner_size: 32, n_layers: 1}"]

@@ -6,6 +6,7 @@ worker node, with its StudentActor, is killed; every (user, split) still comes o
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import lancedb
@@ -13,35 +14,32 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from slim_ray.backfill import backfill_requests, load_backfill, run_backfill, split_prefixes
+from slim_ray.artifacts import load_backfill, student_dir
+from slim_ray.backfill import backfill_requests, run_backfill
 from slim_ray.config import BackfillConfig, load_config
-from slim_ray.prepare import run_prepare
+from slim_ray.prefixes import CheckpointIndex, check_leak_free, checkpoint_rows
+from slim_ray.prepare import load_prepared, run_prepare
+from slim_ray.train import training_table
 
 SEQUENCES = pd.DataFrame([
-    {"user_id": 1, "raw_user_id": "a", "train_item_ids": [1, 2, 3], "valid_target": 4, "test_target": 5},
-    {"user_id": 2, "raw_user_id": "b", "train_item_ids": [6], "valid_target": 7, "test_target": 8},
+    {"user_id": 1, "raw_user_id": "a", "item_ids": [1, 2, 3, 4, 5]},
+    {"user_id": 2, "raw_user_id": "b", "item_ids": [6, 7, 8]},
 ])
-
-
-def test_each_split_sees_only_items_before_its_target():
-    rows = split_prefixes(SEQUENCES, ["train", "valid", "test"]).set_index(["user_id", "split"])
-    assert rows.loc[(1, "train"), "history_ids"] == [1, 2] and rows.loc[(1, "train"), "next_item_id"] == 3
-    assert rows.loc[(1, "valid"), "history_ids"] == [1, 2, 3] and rows.loc[(1, "valid"), "next_item_id"] == 4
-    assert rows.loc[(1, "test"), "history_ids"] == [1, 2, 3, 4] and rows.loc[(1, "test"), "next_item_id"] == 5
-    assert (2, "train") not in rows.index  # a one-item training sequence has no train prefix
-    assert len(split_prefixes(SEQUENCES, ["valid"])) == 2
 
 
 def test_request_keys_follow_prompt_and_student_version():
     items = pd.DataFrame({"item_id": range(1, 9), "title": [f"Film{i}" for i in range(1, 9)],
                           "categories": [["Drama"]] * 8, "brand": [""] * 8, "year": ["1990"] * 8})
-    bc = BackfillConfig(splits=["valid", "test"])
-    a = backfill_requests(items, SEQUENCES, "movies", bc, history_len=2, model_version="v1")
-    b = backfill_requests(items, SEQUENCES, "movies", bc, history_len=2, model_version="v1")
-    c = backfill_requests(items, SEQUENCES, "movies", bc, history_len=2, model_version="v2")
-    assert a["key"].tolist() == b["key"].tolist() and a["key"].nunique() == 4
+    rows = checkpoint_rows(SEQUENCES, per_user=1, stride=1).assign(candidate_ids=[[8, 7]] * 5)
+    bc = BackfillConfig()
+    a = backfill_requests(items, rows, "movies", bc, history_len=2, model_version="v1")
+    b = backfill_requests(items, rows, "movies", bc, history_len=2, model_version="v1")
+    c = backfill_requests(items, rows, "movies", bc, history_len=2, model_version="v2")
+    assert a["key"].tolist() == b["key"].tolist() and a["key"].nunique() == 5
     assert set(a["key"]).isdisjoint(c["key"])
-    assert "Film1" not in a["student_messages"].iloc[0] and "Film3" in a["student_messages"].iloc[0]
+    test_row = a[(a["user_id"] == 1) & (a["split"] == "test")].iloc[0]  # history s[:4], last two shown
+    assert "Film2" not in test_row["student_messages"] and "Film4" in test_row["student_messages"]
+    assert "Film5" not in test_row["student_messages"] and "Candidates: Film8 (1990); Film7 (1990)" in test_row["student_messages"]
 
 
 def _overrides(root: Path, student: str, name: str, **extra) -> list[str]:
@@ -60,7 +58,8 @@ def test_backfill_writes_lancedb_and_second_run_generates_nothing(ring_dataset, 
     assert first["rows"] == 120 and first["users"] == 40 and first["dim"] == 384 and first["items_encoded"] == 30
     # users with equal recent histories share a prompt: each distinct prompt is generated once
     assert first["generated"] == rows["key"].nunique() and first["generated"] + first["from_cache"] == 120
-    assert not rows.duplicated(["user_id", "split"]).any()
+    assert not rows.duplicated(["user_id", "cut"]).any() and rows["split"].value_counts().to_dict() == {
+        "train": 40, "valid": 40, "test": 40}
     assert np.allclose(np.linalg.norm(np.stack(rows["embedding"]), axis=1), 1, atol=1e-4)
     db = lancedb.connect(first["lancedb"]["uri"])
     table = db.open_table("items")
@@ -84,10 +83,32 @@ def test_vllm_engine_backfills_with_the_real_student(ring_dataset):
 
     student = ensure_student_base("smollm2-135m")
     cfg = load_config(None, _overrides(ring_dataset, student, "backfill_vllm", max_users=8, engine="vllm",
-                                       splits="[valid]", cpus_per_actor=2, max_new_tokens=24))
+                                       cpus_per_actor=2, max_new_tokens=24))
     run_prepare(cfg.data, cfg.prepared_dir)
     manifest = run_backfill(cfg)
     rows, _ = load_backfill(cfg)
-    assert manifest["engine"] == "vllm" and manifest["rows"] == 8 and len(rows) == 8
+    assert manifest["engine"] == "vllm" and manifest["rows"] == 24 and len(rows) == 24  # 8 users x 3 checkpoints
     assert manifest["generated"] == rows["key"].nunique() and manifest["completion_tokens"] > 0
     assert rows["rationale"].str.len().gt(0).all()
+
+
+@pytest.mark.slow
+def test_cross_fitted_students_write_only_the_users_they_never_saw(ring_dataset, tiny_student, tmp_path):
+    """With one student per fold (distill.cross_fit), each user's rationales come from the student
+    trained without the user's fold; the leak guard sees it in the rows."""
+    overrides = [o for o in _overrides(ring_dataset, "", "backfill_folds", max_users=10) if "backfill.student" not in o]
+    cfg = load_config(None, overrides)
+    run_prepare(cfg.data, cfg.prepared_dir)
+    for fold in (0, 1):  # two copies of the tiny student stand for the two fold students
+        shutil.copytree(tiny_student[0], student_dir(cfg, fold) / "merged")
+    manifest = run_backfill(cfg)
+    rows, _ = load_backfill(cfg)
+    assert manifest["cross_fitted"] and set(manifest["students"]) == {"0", "1"} and len(rows) == 30
+    assert (rows["student_holdout_fold"] == rows["user_id"] % 2).all()
+    assert (rows["candidate_holdout_fold"] == rows["user_id"] % 2).all()
+    _, sequences, _ = load_prepared(cfg.prepared_dir)
+    sequences = sequences.head(10)
+    table = training_table(sequences, 50, index=CheckpointIndex(rows["user_id"], rows["cut"]))
+    report = check_leak_free(sequences, rows, table.column("user_id").to_numpy(), table.column("target_pos").to_numpy(),
+                             table.column("text_row").to_numpy(), cfg.data.folds)
+    assert report["violations"] == 0 and report["student_cross_fitted"] and report["rows_with_rationale"] == 10

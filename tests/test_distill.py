@@ -20,8 +20,9 @@ def teacher_rows(n_users: int) -> pd.DataFrame:
     rows = []
     for user in range(1, n_users + 1):
         history = [{"title": f"Film{(user + t) % 9}", "categories": ["Drama"], "year": "1990"} for t in range(3)]
+        offered = [{"title": f"Film{(user + t) % 9}", "categories": ["Drama"], "year": "1990"} for t in (3, 4)]
         steps = ["The user likes dramas.", "Drama", f"Film{(user + 3) % 9}"]
-        rows.append({"user_id": user, "student_messages": json.dumps(student_messages(history, "movies")),
+        rows.append({"user_id": user, "student_messages": json.dumps(student_messages(history, offered, "movies")),
                      "rationale": "\n".join(f"Step {i}: {s}" for i, s in enumerate(steps, 1)), "steps": steps,
                      "parsed": user % 7 != 0, "history_ids": [1, 2, 3], "next_item_id": 4})
     return pd.DataFrame(rows)
@@ -89,7 +90,8 @@ def test_two_worker_zero_distillation_and_resume(tiny_student, tmp_path, stage):
     cfg = load_config(None, [f"run.output_dir={tmp_path / 'run'}", f"distill.base_model={base}",
                              f"distill.rationales={teacher}", "distill.num_workers=2", "distill.cpus_per_worker=1",
                              "distill.strategy=deepspeed", f"distill.zero_stage={stage}", "distill.epochs=2",
-                             "distill.batch_size=4", "distill.lr=0.005", "ray.object_store_memory_mb=100"])
+                             "distill.batch_size=4", "distill.lr=0.005", "ray.object_store_memory_mb=100",
+                             "distill.cross_fit=false"])
     meta = run_distill(cfg)
     assert [h["epoch"] for h in meta["history"]] == [1, 2]
     assert meta["history"][1]["train_loss"] < meta["history"][0]["train_loss"]
@@ -105,3 +107,21 @@ def test_two_worker_zero_distillation_and_resume(tiny_student, tmp_path, stage):
 
         merged = AutoModelForCausalLM.from_pretrained(student / "merged")
         assert not np.isnan(merged.model.layers[0].self_attn.q_proj.weight.detach().numpy()).any()
+
+
+def test_init_adapters_are_per_fold_and_shape_checked(tmp_path):
+    from slim_ray.config import DistillConfig
+    from slim_ray.distill import init_adapter
+    from slim_ray.errors import DataError
+
+    for fold in (0, 1):
+        (tmp_path / f"fold{fold}" / "adapter").mkdir(parents=True)
+        (tmp_path / f"fold{fold}" / "adapter" / "adapter_config.json").write_text(
+            json.dumps({"r": 16, "target_modules": ["v_proj", "q_proj"]}))
+    dc = DistillConfig(init_adapters=tmp_path, lora_r=16, target_modules=["q_proj", "v_proj"])
+    assert init_adapter(dc, 1) == str(tmp_path / "fold1" / "adapter")  # a fold's student: that fold's adapter
+    assert init_adapter(DistillConfig(), 0) is None
+    with pytest.raises(DataError, match="r=16"):
+        init_adapter(dc.model_copy(update={"lora_r": 8}), 0)
+    with pytest.raises(DataError, match="no adapter"):
+        init_adapter(dc, None)

@@ -29,17 +29,14 @@ def test_named_items_resolve_fuzzily_skip_history_and_unknowns():
     assert named_item_targets("Step 1: x\nStep 2: y", index, set(), 3) == ([], [])
 
 
-def test_targets_follow_the_split_prefix_fallback():
+def test_targets_are_per_checkpoint_row_without_that_rows_history():
     items = pd.DataFrame({"item_id": range(1, 6), "title": TITLES})
-    sequences = pd.DataFrame({"user_id": [1, 2], "raw_user_id": ["a", "b"], "train_item_ids": [[1, 2], [3, 1]],
-                              "valid_target": [5, 4], "test_target": [3, 2]})
-    rows = pd.DataFrame({"user_id": [1, 2], "split": ["valid", "test"], "rationale": [RATIONALE, RATIONALE]})
-    targets = distill_targets(rows, items, sequences, 3, top_k=4)
-    ids, conf = targets["train"]
-    assert ids[1].tolist() == [4, 3, 5, 0]  # valid prefix [1, 2]: Heat and Casino already seen
-    assert ids[2].tolist() == [0, 0, 0, 0] and conf[2].tolist() == [0, 0, 0, 0]  # user 2 has only test
-    # user 2's test prefix is train + valid target = [3, 1, 4]: Fargo, Toy Story and Heat are seen
-    assert targets["test"][0][2].tolist() == [2, 5, 0, 0] and targets["test"][0][1].tolist() == [4, 3, 5, 0]
+    rows = pd.DataFrame({"user_id": [1, 2], "cut": [2, 3], "history_ids": [[1, 2], [3, 1, 4]],
+                         "rationale": [RATIONALE, RATIONALE]})
+    ids, conf = distill_targets(rows, items, top_k=4)
+    assert ids[0].tolist() == [0, 0, 0, 0] and conf[0].tolist() == [0, 0, 0, 0]  # row 0: no rationale
+    assert ids[1].tolist() == [4, 3, 5, 0]  # history [1, 2]: Heat and Casino already seen
+    assert ids[2].tolist() == [2, 5, 0, 0]  # history [3, 1, 4]: Fargo, Toy Story and Heat are seen
 
 
 def test_importance_weights_by_hand():

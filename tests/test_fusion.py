@@ -1,4 +1,4 @@
-"""SLIM fusion: the paper's formulas, rationale lookup per split, and cold-start text matching.
+"""SLIM fusion: the paper's formulas, rationale lookup per checkpoint, and cold-start text matching.
 (A fused model trained on Ray Train from a real backfill is exercised by tests/test_serve.py.)"""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slim_ray.evaluation import full_ranks
-from slim_ray.fusion import FusedRecommender, TextMatcher, build_model, rationale_vectors
+from slim_ray.fusion import FusedRecommender, TextMatcher, build_model, rationale_table, split_text
 from slim_ray.models import build_backbone
 
 
@@ -31,13 +31,17 @@ def test_fused_vectors_follow_the_paper():
         build_model("slim", "SASRec", 6, 4, {}, None)
 
 
-def test_rationale_vectors_fall_back_without_seeing_the_target():
-    rows = pd.DataFrame({"user_id": [1, 1, 2], "split": ["valid", "test", "valid"],
-                         "embedding": [np.full(2, 1.0), np.full(2, 2.0), np.full(2, 3.0)]})
-    vectors = rationale_vectors(rows, 3)
-    assert vectors["test"][1].tolist() == [2, 2] and vectors["test"][2].tolist() == [3, 3]  # 2: valid prefix
-    assert vectors["train"][1].tolist() == [1, 1] and vectors["valid"][2].tolist() == [3, 3]
-    assert vectors["valid"][0].tolist() == [0, 0]
+def test_rationale_table_serves_rows_by_checkpoint():
+    sequences = pd.DataFrame({"user_id": [1, 2], "item_ids": [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]]})
+    rows = pd.DataFrame({"user_id": [1, 1, 1, 2], "cut": [3, 4, 5, 2],
+                         "embedding": [np.full(2, 1.0), np.full(2, 2.0), np.full(2, 3.0), np.full(2, 4.0)]})
+    vectors, index = rationale_table(rows)
+    assert vectors[0].tolist() == [0, 0] and vectors[1:].tolist() == [[1, 1], [2, 2], [3, 3], [4, 4]]
+    assert split_text(vectors, index, sequences, "test")[1].tolist() == [3, 3]  # its own cut n-1 = 5
+    assert split_text(vectors, index, sequences, "valid")[1].tolist() == [2, 2]
+    # user 2 has only a valid checkpoint (cut 2): its test row (t = 3) uses it, never a later one
+    assert split_text(vectors, index, sequences, "test")[2].tolist() == [4, 4]
+    assert index.row_for(1, 2) == 0 and index.row_for(1, 3) == 1  # before the first checkpoint: none
 
 
 def _genre_world(seed: int = 0):

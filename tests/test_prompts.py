@@ -6,7 +6,7 @@ from slim_ray.prompts import (
     TitleIndex, display_title, ground_items, named_aspects, parse_rationale, prompt_hash, split_names,
     student_messages, teacher_messages, validate,
 )
-from slim_ray.teach import candidate_ids
+from slim_ray.candidates import fill
 
 ITEMS = [{"title": "Usual Suspects, The", "categories": ["Crime", "Thriller"], "brand": "", "year": "1995"},
          {"title": "Toy Story", "categories": ["Animation", "Comedy"], "brand": "", "year": "1995"}]
@@ -20,22 +20,26 @@ def test_display_title_moves_articles():
 
 def test_teacher_prompt_has_history_candidates_and_three_steps():
     messages = teacher_messages(ITEMS[:1], ITEMS[1:], "movies", 5, ["Comedy", "Crime"])
-    text = messages[-1]["content"]
+    instruction, text = messages[0]["content"], messages[-1]["content"]
     assert "1. The Usual Suspects (1995) [Crime, Thriller]" in text
-    assert "- Toy Story (1995)\n" in text and "[Animation, Comedy]" not in text  # candidates by name
-    assert all(f"Step {i}:" in text for i in (1, 2, 3))
-    assert "genres" in text and "Choose from: Comedy, Crime." in text
-    products = teacher_messages([{**ITEMS[1], "brand": "Pixar"}], [], "products")[-1]["content"]
-    assert "purchased" in products and "brand: Pixar" in products and "categories and brands" in products
+    assert text.endswith("- Toy Story (1995)") and "[Animation, Comedy]" not in text  # candidates by name
+    assert all(f"Step {i}:" in instruction for i in (1, 2, 3))
+    assert "genres" in instruction and "Choose from: Comedy, Crime." in instruction
+    # the instruction is one system message for every user: a prefix-caching server reads it once
+    assert teacher_messages(ITEMS[1:], ITEMS[:1], "movies", 5, ["Comedy", "Crime"])[0] == messages[0]
+    products = teacher_messages([{**ITEMS[1], "brand": "Pixar"}], [], "products")
+    assert "purchased" in products[0]["content"] and "brand: Pixar" in products[-1]["content"]
+    assert "categories and brands" in products[0]["content"]
 
 
-def test_student_prompt_is_short_and_has_no_candidates():
-    messages = student_messages(ITEMS, "movies")
+def test_student_prompt_is_short_and_carries_the_candidates():
+    heat = {"title": "Heat", "categories": ["Crime"], "brand": "", "year": "1995"}
+    messages = student_messages(ITEMS, [heat], "movies")
     text = messages[-1]["content"]
-    assert "The Usual Suspects" in text and "Toy Story" in text and "Candidate" not in text
-    assert len(text) < len(teacher_messages(ITEMS, ITEMS, "movies")[-1]["content"])
+    assert "The Usual Suspects" in text and "Toy Story" in text and text.endswith("Candidates: Heat (1995).")
+    assert len(messages[0]["content"] + text) < len(teacher_messages(ITEMS, [heat], "movies")[0]["content"] + text)
     # the instruction (every prompt's shared prefix) comes before the history
-    assert messages[0] == student_messages(ITEMS[:1], "movies")[0] and "Step 3" in messages[0]["content"]
+    assert messages[0] == student_messages(ITEMS[:1], [], "movies")[0] and "candidates" in messages[0]["content"]
 
 
 def test_prompt_hash_depends_on_messages_and_params():
@@ -65,7 +69,7 @@ def test_split_names_and_grounding():
     assert index.lookup("the usual suspects") == 1 and index.lookup("Toy Storry") == 2
     assert index.lookup("Titanic") is None
     grounded = ground_items("Heat, Toy Story, Titanic", index, history_ids={2})
-    assert grounded == {"named": 3, "in_catalogue": 2, "in_history": 1, "unknown": 1, "item_ids": [3]}
+    assert grounded == {"named": 3, "in_catalogue": 2, "in_history": 1, "unknown": 1, "off_list": 0, "item_ids": [3]}
 
 
 def test_validate_flags_but_keeps():
@@ -75,14 +79,20 @@ def test_validate_flags_but_keeps():
     assert validate("nonsense", index, set())["flags"] == ["unparsed", "no_items"]
 
 
+def test_validator_counts_picks_outside_the_candidates():
+    index = TitleIndex.from_items([1, 2, 3, 4], ["Heat", "Toy Story", "Casino", "Fargo"])
+    text = "Step 1: x\nStep 2: Crime\nStep 3: Heat, Casino, Fargo"
+    result = validate(text, index, history_ids={9}, candidate_ids={1, 4})
+    assert result["off_list"] == 1 and "off_list" in result["flags"] and result["item_ids"] == [1, 3, 4]
+    assert validate(text, index, {9}, {1, 3, 4})["flags"] == []
+
+
 def test_named_aspects():
     assert named_aspects("Sci-Fi, film-noir and Drama.", ["Drama", "Sci-Fi", "Film-Noir", "War"]) == [
         "Drama", "Sci-Fi", "Film-Noir"]
     assert named_aspects("Warm comedies", ["War"]) == []
 
 
-def test_candidates_skip_history_and_are_seeded():
+def test_candidates_skip_history_and_keep_their_rank():
     popular = np.array([5, 1, 2, 3, 4, 0, 6, 7])
-    a = candidate_ids({1, 2}, popular, 4, np.random.default_rng(0), preferred=[7, 2])
-    assert sorted(a) == [3, 4, 5, 7]
-    assert a == candidate_ids({1, 2}, popular, 4, np.random.default_rng(0), preferred=[7, 2])
+    assert fill([7, 2], {1, 2}, popular, 4) == [7, 5, 3, 4]  # preferred first, then popular, ranked

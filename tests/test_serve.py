@@ -36,14 +36,16 @@ def test_fused_model_trained_on_ray_uses_the_rationales(served_run):
 
     from slim_ray.evaluation import split_arrays
     from slim_ray.prepare import load_prepared
-    from slim_ray.train import fusion_vectors, load_trained, run_evaluate
+    from slim_ray.artifacts import fusion_vectors
+    from slim_ray.fusion import load_trained
+    from slim_ray.train import run_evaluate
 
     model, meta = load_trained(served_run.model_dir())
     assert meta["name"] == "SASRec-slim" and meta["fusion"] == "slim" and len(meta["history"]) == 1
     report = run_evaluate(served_run)
     assert report["model"] == "SASRec-slim" and 0 <= report["full"]["ndcg@10"] <= 1
     _, sequences, _ = load_prepared(served_run.prepared_dir)
-    _, user_text = fusion_vectors(served_run, meta["n_items"], len(sequences) + 1)
+    _, user_text, _ = fusion_vectors(served_run, meta["n_items"], sequences)
     arrays = split_arrays(sequences, "test", meta["max_len"], user_text["test"])
     with torch.no_grad():
         scores = model.full_sort_predict(arrays)
@@ -59,7 +61,8 @@ def test_dllm2rec_on_slim_trains_on_ray_from_the_named_items(served_run, tmp_pat
 
     from slim_ray.dllm2rec import DLLM2Rec, distill_targets
     from slim_ray.prepare import load_prepared
-    from slim_ray.train import load_trained, run_evaluate, run_train
+    from slim_ray.fusion import load_trained
+    from slim_ray.train import run_evaluate, run_train
 
     root = tmp_path / "run"
     for part in ("prepared", "backfill"):
@@ -71,15 +74,17 @@ def test_dllm2rec_on_slim_trains_on_ray_from_the_named_items(served_run, tmp_pat
     rows["rationale"] = [f"Step 1: walks the ring.\nStep 2: Comedy\nStep 3: {title[following[u]]}, Nothing Real"
                          for u in rows["user_id"]]
     rows.to_parquet(path)
-    targets = distill_targets(rows, items, sequences, len(sequences) + 1, top_k=5)
-    assert (targets["train"][0][rows["user_id"], 0] == following[rows["user_id"]].to_numpy()).all()
+    ids, _ = distill_targets(rows, items, top_k=5)  # one line per checkpoint row, after row 0 (none)
+    fresh = (rows["split"] != "test").to_numpy()  # the test checkpoint's history holds the valid target
+    assert (ids[1:][fresh, 0] == following[rows.loc[fresh, "user_id"]].to_numpy()).all() and (ids[1:][~fresh] == 0).all()
     cfg = served_run.model_copy(update={"run": served_run.run.model_copy(update={"output_dir": root}),
                                         "train": served_run.train.model_copy(update={"fusion": "slim+dllm2rec"})})
     meta = run_train(cfg)
     assert meta["name"] == "SASRec-slim+dllm2rec" and meta["dllm2rec"]["ranking_weight"] == 0.5
     model, _ = load_trained(cfg.model_dir())
     assert isinstance(model, DLLM2Rec) and model.inner.use_rationale
-    assert 0 <= run_evaluate(cfg)["full"]["ndcg@10"] <= 1
+    assert meta["leak_guard"]["violations"] == 0 and meta["leak_guard"]["rows_with_rationale"] == len(sequences)
+    assert run_evaluate(cfg)["users"] == len(sequences)
 
 
 def _sync(fn):
@@ -110,9 +115,9 @@ def test_request_flow_cached_fresh_and_errors(served_run):
     index = IndexCore(str(served_run.run.output_dir / "lancedb"))
     calls = []
 
-    def explain(history):
+    def explain(history, candidates):
         calls.append(history)
-        return student.explain(history)
+        return student.explain(history, candidates)
 
     run = lambda **kw: asyncio.run(recommend(core, _sync(explain), _sync(index.search), **{  # noqa: E731
         "user_id": None, "history": None, "k": 5, "exclude_seen": True, "explain": True, **kw}))
@@ -123,6 +128,9 @@ def test_request_flow_cached_fresh_and_errors(served_run):
     fresh = run(history=["3", "4", "5"])
     assert fresh["rationale_source"] == "fresh" and len(calls) == 1 and fresh["explanation"]["rationale"] is not None
     assert fresh["versions"]["student"] == student.version
+    assert set(known["explanation"]) == set(fresh["explanation"])  # one shape, cached or fresh
+    grounded = fresh["explanation"]["candidates"]  # the served model's top unseen items, as at backfill time
+    assert len(grounded) == served_run.teacher.n_candidates and not set(grounded) & set(core.resolve(None, ["3", "4", "5"])[0])
     assert "student" in fresh["timings_ms"] and "student" not in known["timings_ms"]
     for kwargs, status in (({"user_id": "nobody"}, 404), ({"history": ["999"]}, 422), ({"history": []}, 422)):
         with pytest.raises(RequestError) as error:

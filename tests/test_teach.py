@@ -15,12 +15,12 @@ import torch
 
 from slim_ray.config import load_config
 from slim_ray.errors import DataError
-from slim_ray.evaluation import split_arrays
 from slim_ray.fault_server import FaultServer
 from slim_ray.llm_api import ChatCaller, ResponseCache, TokenBucketLimiter
 from slim_ray.models import build_backbone
 from slim_ray.prepare import load_prepared, run_prepare
-from slim_ray.teach import backbone_preferences, build_requests, load_rationales, run_teach, top_unseen
+from slim_ray.candidates import checkpoint_candidates, fold_model_name, top_unseen
+from slim_ray.teach import build_requests, load_rationales, run_teach, teach_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "user", "content": "Candidate movies:\n- Heat\n- Casino"}]
@@ -138,28 +138,45 @@ def test_killed_run_resumes_without_recalling_cached_prompts(ring_dataset):
         assert json.loads((cfg.run.output_dir / "teacher" / "ledger.json").read_text()) == ledger
 
 
-def test_backbone_candidates_are_its_best_unseen_items_and_ground_step3(ring_dataset, tmp_path):
+def _save_fold_model(cfg, fold: int, holdout_fold: int, n_items: int):
+    """A real (untrained, seeded) SASRec exported like `slim-ray train-folds` exports one."""
+    torch.manual_seed(fold)
+    kwargs = {"hidden_size": 16, "inner_size": 32, "n_layers": 1}
+    model = build_backbone("SASRec", n_items, 8, **kwargs).eval()
+    folder = cfg.model_dir(fold_model_name("SASRec", fold, cfg.data.folds))
+    folder.mkdir(parents=True)
+    torch.save(model.state_dict(), folder / "model.pt")
+    (folder / "meta.json").write_text(json.dumps({"backbone": "SASRec", "fusion": "none", "model": kwargs, "n_items": n_items,
+                                                  "max_len": 8, "holdout_fold": holdout_fold, "folds": cfg.data.folds}))
+    return model
+
+
+def test_candidates_come_from_the_fold_model_that_never_saw_the_user(ring_dataset, tmp_path):
     cfg = load_config(None, [f"data.interactions={ring_dataset / 'r.inter'}", f"data.items={ring_dataset / 'r.item'}",
                              f"run.output_dir={tmp_path}", "teacher.candidates=backbone", "teacher.n_candidates=6",
-                             "teacher.backbone_candidates=3", "teacher.num_samples=12"])
+                             "teacher.backbone_candidates=3", "teacher.num_samples=12", "data.checkpoints_per_user=2",
+                             "data.checkpoint_stride=2"])
     run_prepare(cfg.data, cfg.prepared_dir)
     items, sequences, stats = load_prepared(cfg.prepared_dir)
-    with pytest.raises(DataError, match="teacher.candidates=backbone needs a trained SASRec"):
-        backbone_preferences(cfg, sequences)  # nothing trained yet: a clear error, not popular items
+    rows = teach_checkpoints(sequences, 12, 0, 2, 2)
+    assert rows["user_id"].is_unique and len(rows) == 12
+    assert rows["user_id"].tolist()[:6] == teach_checkpoints(sequences, 6, 0, 2, 2)["user_id"].tolist()  # resumable
+    with pytest.raises(DataError, match="train-folds"):
+        checkpoint_candidates(rows, sequences, len(items) + 1, cfg)  # nothing trained yet: no silent fallback
 
-    torch.manual_seed(0)
-    model = build_backbone("SASRec", len(items) + 1, 8, hidden_size=16, inner_size=32, n_layers=1).eval()
-    top = top_unseen(model, sequences, 8, 3)
-    arrays = split_arrays(sequences, "valid", 8)
-    with torch.no_grad():
-        scores = model.full_sort_predict(arrays)
-    for row, (user, train) in enumerate(zip(sequences["user_id"], sequences["train_item_ids"])):
-        assert len(top[user]) == 3 and not set(top[user]) & set(train) and 0 not in top[user]
-        allowed = [i for i in range(1, len(items) + 1) if i not in set(train)]
-        best = sorted(allowed, key=lambda i: -scores[row, i].item())[:3]
-        assert top[user] == best
+    models = {fold: _save_fold_model(cfg, fold, fold, len(items) + 1) for fold in (0, 1)}
+    candidates = checkpoint_candidates(rows, sequences, len(items) + 1, cfg)
+    for row, cands in zip(rows.itertuples(), candidates):
+        top = top_unseen(models[row.user_id % 2], [row.history_ids], 8, 3)[0]
+        assert cands[:3] == top and len(cands) == 6 and not set(cands) & set(row.history_ids)  # ranked
+    requests = build_requests(items, rows, candidates, cfg.teacher, stats["domain"])
+    titles = items.set_index("item_id")["title"]
+    for row in requests.itertuples():  # teacher and student see the same candidates
+        for item in row.candidate_ids:
+            assert titles[item] in row.teacher_messages and titles[item] in row.student_messages
 
-    requests = build_requests(items, sequences, cfg.teacher, stats["domain"], seed=0, preferred=top)
-    for row in requests.itertuples():
-        assert set(top[row.user_id]) <= set(row.candidate_ids) and len(row.candidate_ids) == 6
-        assert not set(row.candidate_ids) & set(row.seen_ids)
+    _save_fold_model(cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": tmp_path / "bad"})}), 0, 1,
+                     len(items) + 1)
+    bad = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": tmp_path / "bad"})})
+    with pytest.raises(DataError, match="not trained without fold 0"):
+        checkpoint_candidates(rows, sequences, len(items) + 1, bad)

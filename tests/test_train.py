@@ -35,12 +35,13 @@ def pattern_run(tmp_path_factory):
 def test_training_table_has_every_prefix(pattern_run):
     import pandas as pd
 
-    sequences = pd.DataFrame({"user_id": [1, 2], "train_item_ids": [[1, 2, 3, 4], [5, 6]]})
-    table = training_table(sequences, max_len=2)
+    sequences = pd.DataFrame({"user_id": [1, 2], "item_ids": [[1, 2, 3, 4, 90, 91], [5, 6, 92, 93]]})
+    table = training_table(sequences, max_len=2)  # the last two items are valid and test targets
     assert table.column("item_seq").chunk(0).to_numpy().tolist() == [[1, 0], [1, 2], [2, 3], [5, 0]]
     assert table.column("item_seq_len").to_pylist() == [1, 2, 2, 1]
     assert table.column("pos_item").to_pylist() == [2, 3, 4, 6]
     assert table.column("user_id").to_pylist() == [1, 1, 1, 2]
+    assert table.column("target_pos").to_pylist() == [1, 2, 3, 1] and set(table.column("text_row").to_pylist()) == {0}
 
 
 def _epochs(meta):
