@@ -40,7 +40,7 @@ def prompts(n: int) -> list[list[dict]]:
     items, sequences, stats = load_prepared(cfg.prepared_dir)
     rows = checkpoint_rows(sequences.head(n), per_user=1, stride=1)
     rows = rows[rows["split"] == "valid"].reset_index(drop=True)  # one prompt per user: its training history
-    rows["candidate_ids"] = checkpoint_candidates(rows, sequences, len(items) + 1, cfg)  # popular (no fold models)
+    rows["candidate_ids"] = checkpoint_candidates(rows, sequences, len(items) + 1, cfg)[0]  # popular (no fold models)
     requests = backfill_requests(items, rows, stats["domain"], BackfillConfig(), cfg.teacher.history_len, "bench")
     return [json.loads(m) for m in requests["student_messages"]]
 

@@ -26,9 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from slim_ray.candidates import fill, popular_by_fold
 from slim_ray.config import load_config
 from slim_ray.dllm2rec import named_item_targets
 from slim_ray.evaluation import full_ranks, item_popularity, mask_seen, rank_metrics
+from slim_ray.prefixes import fold_of
 from slim_ray.prompts import TitleIndex, named_aspects, parse_rationale
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,19 +81,19 @@ def run_audit(run_dir: Path, teacher_set: Path, results: dict) -> dict:
         out["teacher_step3_hit5"] = float(np.mean([n in list(i)[:5] for n, i in zip(teacher["next_item_id"], teacher["named_item_ids"])]))
         out["teacher_candidates_hold_next_item"] = float(np.mean([n in c for n, c in zip(teacher["next_item_id"], teacher["candidate_ids"])]))
     out["backbone_top5_hit5"] = backbone_top5(cfg, test)
+    popular = popular_by_fold(sequences, n_items, cfg.data.folds)  # as bench/teacher.py: other folds' counts
+    user_fold = fold_of(test["user_id"].to_numpy(), cfg.data.folds)
+    out["popularity_hit5"] = float(np.mean([n in fill([], set(map(int, h)), popular[f], 5)
+                                            for n, h, f in zip(nxt, test["history_ids"], user_fold)]))
     counts_train, _ = item_popularity(sequences["train_item_ids"], n_items)
-    popular = np.argsort(-counts_train, kind="stable")
-    out["popularity_hit5"] = float(np.mean([n in [i for i in popular[:5 + len(h)] if i not in set(h) and i > 0][:5]
-                                            for n, h in zip(nxt, test["history_ids"])]))
     out.update(zero_shot(run_dir, test, counts_train, n_items))
-    out.update(explanation_agreement(cfg, items, sequences, test, results))
+    out.update(explanation_agreement(cfg, run_dir, items, sequences, test))
     return out
 
 
 def backbone_top5(cfg, test: pd.DataFrame) -> float:
     """Hit@5 of the fold backbone's own top 5 among each row's candidates (the order step 3 could follow)."""
     from slim_ray.candidates import load_fold_model, top_unseen
-    from slim_ray.prefixes import fold_of
 
     hits = []
     for fold in range(cfg.data.folds):
@@ -123,17 +125,22 @@ def zero_shot(run_dir: Path, test: pd.DataFrame, popularity: np.ndarray, n_items
     return out
 
 
-def explanation_agreement(cfg, items: pd.DataFrame, sequences: pd.DataFrame, test: pd.DataFrame, results: dict) -> dict:
+def explanation_agreement(cfg, run_dir: Path, items: pd.DataFrame, sequences: pd.DataFrame, test: pd.DataFrame) -> dict:
     """Does the explanation explain the recommendation? The trained SLIM model's top-10 per test user vs
-    the genres of its rationale's step 2 and its step-3 items, each against a random other user's rationale."""
+    the genres of its rationale's step 2 and its step-3 items, each against a random other user's rationale.
+    The model is the last `slim` run bench/slim.py trained on this run's backfill (its seed is recorded)."""
+    import json
     from slim_ray.artifacts import fusion_vectors
     from slim_ray.evaluation import split_arrays
     from slim_ray.fusion import load_trained
     from slim_ray.teach import aspect_vocabulary
 
-    model_dir = ROOT / "runs" / "bench_slim_student" / "models" / f"{cfg.train.backbone}-slim"
-    if not (model_dir / "model.pt").is_file():
-        return {}
+    staged = ROOT / "runs" / "bench_slim_student"
+    model_dir = staged / "models" / f"{cfg.train.backbone}-slim"
+    manifests = [json.loads((folder / "backfill" / "manifest.json").read_text()) for folder in (staged, run_dir)
+                 if (folder / "backfill" / "manifest.json").is_file()]
+    if not (model_dir / "model.pt").is_file() or len(manifests) < 2 or manifests[0] != manifests[1]:
+        return {}  # no SLIM model trained on this run's rationales yet
     model, meta = load_trained(model_dir)
     staged = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": model_dir.parents[1]}),
                                     "train": cfg.train.model_copy(update={"fusion": "slim"})})
@@ -163,4 +170,4 @@ def explanation_agreement(cfg, items: pd.DataFrame, sequences: pd.DataFrame, tes
     rnd_g, rnd_s = agreement([step2[o] for o in other], [step3[o] for o in other])
     return {"explanation_genre_agreement": own_g, "explanation_genre_agreement_random": rnd_g,
             "explanation_step3_in_top10": own_s, "explanation_step3_in_top10_random": rnd_s,
-            "explained_model": str(model_dir.relative_to(ROOT))}
+            "explained_model": str(model_dir.relative_to(ROOT)), "explained_seed": meta.get("seed")}

@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "slim7")
     parser.add_argument("--students", type=Path, default=None,
                         help="committed cross-fitted adapters (fold{k}/adapter + meta.json): build the run first")
-    parser.add_argument("--checkpoints", type=int, default=4, help="training checkpoints per user (data.checkpoints_per_user)")
+    parser.add_argument("--checkpoints", type=int, default=4, help="training checkpoints per user for --students "
+                        "(data.checkpoints_per_user); an existing run keeps what its backfill was built with")
     parser.add_argument("--backbones", nargs="+", default=["SASRec", "GRU4Rec", "SRGNN"])
     parser.add_argument("--variants", nargs="+", default=["none", "slim"], choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
@@ -88,6 +89,9 @@ def main() -> None:
     if args.overrides and not args.tag:
         parser.error("--set changes the model: name its rows with --tag")
     overrides = [f"data.checkpoints_per_user={args.checkpoints}", "train.shuffle_buffer=1000000"]  # full reshuffle
+    if (args.run_dir / "backfill" / "manifest.json").is_file() and not args.students:
+        built = json.loads((args.run_dir / "backfill" / "manifest.json").read_text())["checkpoints"]["per_user"]
+        overrides[0] = f"data.checkpoints_per_user={built}"
     if args.students:
         build_run(args.run_dir, args.students, overrides + [f"backfill.max_new_tokens={args.max_new_tokens}"])
 
@@ -122,7 +126,8 @@ def main() -> None:
                                   "leak_free": None if not uses_rationale(fusion) else
                                   (source == "student" and bool(guard.get("leak_free"))),
                                   **{f"{p}/{m}": r[p].get(m, float("nan")) for p, m in COLUMNS}}
-            setting = {"max_epochs": args.epochs, "patience": args.patience, "checkpoints": args.checkpoints,
+            built = json.loads((args.run_dir / "backfill" / "manifest.json").read_text())["checkpoints"]
+            setting = {"max_epochs": args.epochs, "patience": args.patience, "checkpoints": built["per_user"],
                        "rationales": os.path.relpath(args.run_dir / "backfill", ROOT),
                        **({"overrides": args.overrides} if args.overrides else {})}
             row = ID_AGNOSTIC if fusion == "text_match" else backbone

@@ -5,8 +5,8 @@
   python bench/teacher.py --samples 943 --export bench/data --candidates backbone --skip-faults
                       # teacher set v2: each user at one of its checkpoints, step 3 grounded by the top-10
                       # of a SASRec trained without the user's fold (2 x 8 epochs first, ~6 min); exports
-                      # teacher_ml100k_v2.parquet. Stopped early, `--samples N` (N = rows cached) re-exports
-                      # the first N users of the same sample from the cache alone.
+                      # teacher_ml100k_v2.parquet. Stopped early, add --only-cached: it re-exports the
+                      # longest prefix of the sample the cache answers, asking the teacher nothing.
 
 With --export the teacher's response cache lives in bench/data/teacher_cache/ (one small JSON per
 user prompt, committed): an interrupted or later run reuses every answer and only asks for new users.
@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, publish  # noqa: E402
 
+from slim_ray.candidates import fold_model_name  # noqa: E402
 from slim_ray.config import load_config  # noqa: E402
 from slim_ray.fault_server import FaultServer  # noqa: E402
 from slim_ray.prepare import run_prepare  # noqa: E402
@@ -67,7 +68,7 @@ def cached_prefix(cfg) -> int:
     items, sequences, stats = load_prepared(cfg.prepared_dir)
     dc, tc = cfg.data, cfg.teacher
     rows = teach_checkpoints(sequences, tc.num_samples, cfg.run.seed, dc.checkpoints_per_user, dc.checkpoint_stride)
-    requests = build_requests(items, rows, checkpoint_candidates(rows, sequences, len(items) + 1, cfg), tc, stats["domain"])
+    requests = build_requests(items, rows, checkpoint_candidates(rows, sequences, len(items) + 1, cfg)[0], tc, stats["domain"])
     cache = ResponseCache(tc.cache_dir)
     cached = [cache.get(key) is not None for key in requests["cache_key"]]
     return cached.index(False) if False in cached else len(cached)
@@ -82,14 +83,28 @@ def local_run(workdir: Path, samples: int, cache_dir: Path | None, candidates: s
         overrides.append(f"teacher.cache_dir={cache_dir.resolve()}")
     cfg = load_config(ROOT / "configs" / "ml100k.yaml", overrides)
     run_prepare(cfg.data, cfg.prepared_dir)
-    if candidates == "backbone" and not all((cfg.model_dir(f"{cfg.train.backbone}-fold{f}of{cfg.data.folds}") / "model.pt").is_file()
-                                            for f in range(cfg.data.folds)):
+    if candidates == "backbone" and not all(
+            (cfg.model_dir(fold_model_name(cfg.train.backbone, f, cfg.data.folds)) / "model.pt").is_file()
+            for f in range(cfg.data.folds)):
         print("cross-fitted backbones:", run_train_folds(cfg), flush=True)  # their top items ground step 3
     if only_cached:
         cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"num_samples": cached_prefix(cfg)})})
         print(f"exporting the {cfg.teacher.num_samples} users answered so far", flush=True)
     ledger = run_teach(cfg)
     return ledger, load_rationales(cfg.run.output_dir / "teacher")
+
+
+def popularity_hit5(rows, workdir: Path) -> float:
+    from slim_ray.candidates import fill, popular_by_fold
+    from slim_ray.prefixes import fold_of
+    from slim_ray.prepare import load_prepared
+
+    items, sequences, _ = load_prepared(workdir / "local" / "prepared")
+    n_folds = load_config(ROOT / "configs" / "ml100k.yaml").data.folds
+    popular = popular_by_fold(sequences, len(items) + 1, n_folds)
+    folds = fold_of(rows["user_id"].to_numpy(), n_folds)
+    return float(np.mean([n in fill([], set(seen), popular[f], 5)
+                          for n, seen, f in zip(rows["next_item_id"], rows["seen_ids"], folds)]))
 
 
 def main() -> None:
@@ -126,12 +141,17 @@ def main() -> None:
                "step3_in_catalogue_share": float(grounded),
                "step3_history_item_share": float(ok["in_history"].sum() / max(ok["named"].sum(), 1)),
                "candidates": args.candidates,
-               # per answer, as the original call measured it (cached rows keep their call's numbers)
-               "mean_latency_s": float(ok["latency_s"].mean()), "mean_prompt_tokens": float(ok["prompt_tokens"].mean()),
+               # per answer, as the original call measured it (cached rows keep their call's numbers); the
+               # median, as a call in flight while the server was paused for other work waits it out
+               "median_latency_s": float(ok["latency_s"].median()), "mean_prompt_tokens": float(ok["prompt_tokens"].mean()),
                "mean_completion_tokens": float(ok["completion_tokens"].mean()),
                # signal: is the user's next item among the candidates, and does step 3 pick it (top 5)?
                "candidates_hold_next_item": float(np.mean([n in c for n, c in zip(ok["next_item_id"], ok["candidate_ids"])])),
                "step3_next_item_hit5": float(np.mean([n in list(i)[:5] for n, i in zip(ok["next_item_id"], ok["named_item_ids"])])),
+               # the same rows' baselines: the fold backbone's own top 5 (candidates are ranked, its items
+               # first) and the 5 most popular unseen items among the other folds' users
+               "backbone_top5_hit5": float(np.mean([n in list(c)[:5] for n, c in zip(ok["next_item_id"], ok["candidate_ids"])])),
+               "popularity_hit5": popularity_hit5(ok, workdir=args.workdir),
                "step3_off_list_share": float(ok["off_list"].sum() / max(ok["in_catalogue"].sum(), 1))
                if "off_list" in ok else None}
     fl = faults["ledger"]
@@ -142,7 +162,8 @@ def main() -> None:
         f"**{faults['lost_rows']}** | {fl['requests']} | {fl['retries_by_reason']} | {fl['parse_rate']:.1%} | - |",
         f"| local teacher ({ledger['model']}) | {ledger['rows']} | {ledger['rationales']} | {ledger['failures']} | "
         f"- | {ledger['requests']} | {ledger['retries_by_reason']} | **{ledger['parse_rate']:.1%}** | "
-        f"**{ledger['rationales_per_min']:.2f}** |",
+        (f"**{ledger['rationales_per_min']:.2f}** |" if ledger["from_cache"] < ledger["rows"]  # else: an export
+         else f"**{60 / summary['median_latency_s']:.2f}** (60 / median answer latency; exported from the cache) |"),
     ]
     example = ok.iloc[0]["rationale"] if len(ok) else ""
     notes = (f"Local teacher: {ledger['prompt_tokens']:,} prompt + {ledger['completion_tokens']:,} completion tokens "
@@ -150,8 +171,9 @@ def main() -> None:
              f"the catalogue: {grounded:.1%}; already in the history: {summary['step3_history_item_share']:.1%}. "
              f"Truncated completions: {ledger['truncated']}. Candidates ({args.candidates}) hold the user's next item "
              f"for {summary['candidates_hold_next_item']:.1%} of rows; step 3 names it (top 5) for "
-             f"{summary['step3_next_item_hit5']:.1%}. Per answer (as first requested; cached answers keep those "
-             f"numbers): {summary['mean_latency_s']:.1f} s, {summary['mean_prompt_tokens']:.0f} prompt + "
+             f"{summary['step3_next_item_hit5']:.1%} (the fold backbone's own top 5: {summary['backbone_top5_hit5']:.1%}; "
+             f"the 5 most popular unseen items: {summary['popularity_hit5']:.1%}). Per answer (as first requested; cached answers keep those "
+             f"numbers): {summary['median_latency_s']:.1f} s (median), {summary['mean_prompt_tokens']:.0f} prompt + "
              f"{summary['mean_completion_tokens']:.0f} completion tokens.\n\nExample rationale:\n\n```\n{example}\n```")
     publish("teacher", "Teacher stage: faults and the offline teacher (ML-100k)",
             {"summary": summary, "fault_run": faults, "local_ledger": ledger}, "\n".join(lines), notes)

@@ -25,14 +25,18 @@ def student_paths(cfg: Config) -> dict[int | None, str]:
     users), {None: folder} for one student for everyone (backfill.student, or RUN_DIR/student)."""
     if cfg.backfill.student:
         return {None: str(cfg.backfill.student)}
-    folds = {fold: student_dir(cfg, fold) / "merged" for fold in range(cfg.data.folds)}
-    if all(path.is_dir() for path in folds.values()):
+    if cfg.distill.cross_fit:  # never fall back to a student that saw every user
+        folds = {fold: student_dir(cfg, fold) / "merged" for fold in range(cfg.data.folds)}
+        missing = [str(path) for path in folds.values() if not path.is_dir()]
+        if missing:
+            raise SlimRayError(f"distill.cross_fit: no distilled student at {', '.join(missing)} (run `slim-ray "
+                               "distill` first, or set backfill.student to an HF folder)")
         return {fold: str(path) for fold, path in folds.items()}
     single = student_dir(cfg) / "merged"
-    if single.is_dir():
-        return {None: str(single)}
-    raise SlimRayError(f"no distilled student under {student_dir(cfg)} (run `slim-ray distill` first, or set "
-                       "backfill.student to an HF folder)")
+    if not single.is_dir():
+        raise SlimRayError(f"no distilled student at {single} (run `slim-ray distill` first, or set "
+                           "backfill.student to an HF folder)")
+    return {None: str(single)}
 
 
 def load_backfill(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:

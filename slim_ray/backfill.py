@@ -172,9 +172,8 @@ def run_backfill(cfg: Config) -> dict:
     dc = cfg.data
     users = sequences.head(bc.max_users) if bc.max_users else sequences
     rows = checkpoint_rows(users, dc.checkpoints_per_user, dc.checkpoint_stride)
-    rows["candidate_ids"] = checkpoint_candidates(rows, sequences, len(items) + 1, cfg)
+    rows["candidate_ids"], rows["candidate_holdout_fold"] = checkpoint_candidates(rows, sequences, len(items) + 1, cfg)
     user_fold = fold_of(rows["user_id"].to_numpy(), dc.folds)
-    rows["candidate_holdout_fold"] = user_fold  # the fold models of slim_ray.candidates
     rows["student_holdout_fold"] = user_fold if None not in paths else -1  # -1: one student saw everyone
     requests = pd.concat([backfill_requests(items, rows[rows["student_holdout_fold"] == (-1 if fold is None else fold)],
                                             stats["domain"], bc, cfg.teacher.history_len, versions[fold])

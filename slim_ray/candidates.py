@@ -83,11 +83,14 @@ def load_fold_model(cfg: Config, fold: int):
     return model, meta
 
 
-def checkpoint_candidates(rows: pd.DataFrame, sequences: pd.DataFrame, n_items: int, cfg: Config) -> list[list[int]]:
-    """Candidate ids for each (user_id, cut, history_ids) row, cross-fitted as described above."""
+def checkpoint_candidates(rows: pd.DataFrame, sequences: pd.DataFrame, n_items: int, cfg: Config
+                          ) -> tuple[list[list[int]], np.ndarray]:
+    """Candidate ids for each (user_id, cut, history_ids) row, cross-fitted as described above, and the
+    fold whose users the models behind each list never saw (from the fold model's own meta.json)."""
     tc, folds = cfg.teacher, cfg.data.folds
     popular = popular_by_fold(sequences, n_items, folds)
     user_fold = fold_of(rows["user_id"].to_numpy(), folds)
+    unseen_fold = user_fold.copy()  # popular_by_fold[f] counts no user of fold f
     histories = [list(map(int, h)) for h in rows["history_ids"]]
     preferred: list[list[int]] = [[] for _ in histories]
     if tc.candidates == "backbone":
@@ -96,6 +99,8 @@ def checkpoint_candidates(rows: pd.DataFrame, sequences: pd.DataFrame, n_items: 
             where = np.flatnonzero(user_fold == fold)
             if len(where):
                 model, meta = load_fold_model(cfg, fold)
+                unseen_fold[where] = meta["holdout_fold"]
                 for row, top in zip(where, top_unseen(model, [histories[r] for r in where], meta["max_len"], k)):
                     preferred[row] = top
-    return [fill(pref, set(h), popular[f], tc.n_candidates) for pref, h, f in zip(preferred, histories, user_fold)]
+    lists = [fill(pref, set(h), popular[f], tc.n_candidates) for pref, h, f in zip(preferred, histories, user_fold)]
+    return lists, unseen_fold

@@ -91,7 +91,8 @@ class TrainConfig(_Section):
     rationale: Literal["all", "step1", "step2", "step3"] = Field(
         "all", description="Which rationale vector fusion uses (the paper's step ablation).")
     leaky_baseline: bool = Field(False, description="Benchmark only: reproduce the pre-checkpoint design (every "
-                                 "training row of a user gets the valid prefix's rationale, which holds its target) "
+                                 "training row of a user gets the rationale of its last training prefix s[:n-3], "
+                                 "which holds the targets of the earlier rows) "
                                  "to measure it beside the leak-free one; the leak guard then records the leak "
                                  "(leak_free: false) instead of refusing to train.")
     select_masks_history: bool = Field(True, description="Validation NDCG@10 (selection and early "

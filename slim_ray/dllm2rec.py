@@ -109,6 +109,9 @@ class DLLM2Rec(SequentialRecommender):
         if "teacher_items" not in batch:
             return loss
         targets = batch["teacher_items"].long()
+        # a checkpoint's named items may be in this row's own history (items seen between the cut and
+        # the target): never distil a seen item as a positive
+        targets = targets * ~(targets[:, :, None] == batch["item_seq"].long()[:, None, :]).any(-1)
         weights = importance_weights(targets, batch["teacher_conf"], logits, self.cfg)
         distill = -(weights * logits.log_softmax(1).gather(1, targets)).sum(1)  # 0 for rows without targets
         return loss + self.cfg.ranking_weight * distill.mean()

@@ -14,7 +14,11 @@ is at test time; training rows older than the oldest checkpoint use none (a zero
 
 Folds (cross-fitting): user u belongs to fold u % folds. A model that writes features of a user
 (the backbone that picks its candidates, the student that writes its rationales) is trained only
-on the other folds' users, so no feature comes from a model trained on that user's targets.
+on the other folds' users, so no feature comes from a model trained on that user's targets. One
+second-order path remains: fold k's student learns from teacher rationales of other folds' users,
+whose candidate lists came from backbones trained on fold k. It sees fold k only through other
+users' candidate lists; nested cross-fitting (3+ folds, candidates for the teacher set from models
+without both folds) would close it too.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ def _run_teach(cfg: Config, num_samples: int | None) -> dict:
     dc = cfg.data
     rows = teach_checkpoints(sequences, num_samples or tc.num_samples, cfg.run.seed, dc.checkpoints_per_user,
                              dc.checkpoint_stride)
-    requests = build_requests(items, rows, checkpoint_candidates(rows, sequences, len(items) + 1, cfg), tc,
+    requests = build_requests(items, rows, checkpoint_candidates(rows, sequences, len(items) + 1, cfg)[0], tc,
                               stats["domain"])
     cache_dir = (tc.cache_dir or cfg.run.output_dir / "teacher_cache").resolve()
     start = time.perf_counter()

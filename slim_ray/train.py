@@ -152,8 +152,8 @@ def run_train(cfg: Config, resume: bool = False, holdout_fold: int | None = None
     item_text, user_text, index = fusion_vectors(cfg, n_items, sequences)
     table = training_table(sequences, max_len, shuffle_seed=cfg.run.seed, index=index)
     if tc.leaky_baseline and index is not None:  # the old design, measured beside the new one
-        valid_rows = index.split_rows(sequences, "valid")[table.column("user_id").to_numpy()]
-        table = table.set_column(table.schema.get_field_index("text_row"), "text_row", pa.array(valid_rows))
+        table = table.set_column(table.schema.get_field_index("text_row"), "text_row",
+                                 pa.array(leaky_rows(index, sequences, table.column("user_id").to_numpy())))
     guard = leak_guard(cfg, sequences, table) if index is not None else None
     targets = None
     if "dllm2rec" in tc.fusion:
@@ -188,7 +188,7 @@ def run_train(cfg: Config, resume: bool = False, holdout_fold: int | None = None
     with best.as_directory() as folder:
         state = json.loads(Path(folder, "state.json").read_text())
         meta = {"backbone": tc.backbone, "fusion": tc.fusion, "rationale": tc.rationale, "name": model_name,
-                "holdout_fold": holdout_fold, "folds": cfg.data.folds, "leak_guard": guard,
+                "seed": cfg.run.seed, "holdout_fold": holdout_fold, "folds": cfg.data.folds, "leak_guard": guard,
                 "model": tc.model, "n_items": n_items, "max_len": max_len,
                 "dllm2rec": tc.dllm2rec.model_dump() if "dllm2rec" in tc.fusion else None,
                 "best_epoch": state["best_epoch"], SELECT_METRIC: state["best"],
@@ -214,9 +214,17 @@ def run_train_folds(cfg: Config) -> dict:
                                                 for m in metas.values()}}
 
 
+def leaky_rows(index: CheckpointIndex, sequences: pd.DataFrame, users) -> np.ndarray:
+    """The design before checkpoints, as bench/slim.py measured it: every training row of a user uses the
+    rationale of the user's last training prefix s[:n-3], which holds the targets of its earlier rows."""
+    length = dict(zip(sequences["user_id"].astype(int), sequences["item_ids"].map(len)))
+    return np.array([index.row_for(int(u), length[int(u)] - 3) for u in users], dtype=np.int64)
+
+
 def leak_guard(cfg: Config, sequences: pd.DataFrame, table: pa.Table) -> dict:
-    """Refuses to train when a training row would use a rationale written from a history that holds
-    its target, or one whose candidates/student came from a model that saw the user (see prefixes)."""
+    """Refuses to train when a training row would use a rationale written from a history that holds its
+    target, or whose candidates came from a model trained on the user (see prefixes.check_leak_free);
+    records whether the students were cross-fitted (`leak_free` needs both)."""
     rows, _ = load_backfill(cfg)
     report = check_leak_free(sequences, rows, table.column("user_id").to_numpy(),
                              table.column("target_pos").to_numpy(), table.column("text_row").to_numpy(), cfg.data.folds)

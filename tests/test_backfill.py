@@ -82,12 +82,12 @@ def test_vllm_engine_backfills_with_the_real_student(ring_dataset):
     from slim_ray.student import ensure_student_base
 
     student = ensure_student_base("smollm2-135m")
-    cfg = load_config(None, _overrides(ring_dataset, student, "backfill_vllm", max_users=8, engine="vllm",
+    cfg = load_config(None, _overrides(ring_dataset, student, "backfill_vllm", max_users=4, engine="vllm",
                                        cpus_per_actor=2, max_new_tokens=24))
     run_prepare(cfg.data, cfg.prepared_dir)
     manifest = run_backfill(cfg)
     rows, _ = load_backfill(cfg)
-    assert manifest["engine"] == "vllm" and manifest["rows"] == 24 and len(rows) == 24  # 8 users x 3 checkpoints
+    assert manifest["engine"] == "vllm" and manifest["rows"] == 12 and len(rows) == 12  # 4 users x 3 checkpoints
     assert manifest["generated"] == rows["key"].nunique() and manifest["completion_tokens"] > 0
     assert rows["rationale"].str.len().gt(0).all()
 

@@ -12,6 +12,7 @@ import pytest
 from slim_ray.config import load_config
 from slim_ray.distill import (IGNORE, collate, load_teacher_rows, run_distill, split_users, tokenize_pairs,
                               training_target)
+from slim_ray.prefixes import fold_of
 from slim_ray.prompts import TitleIndex, student_messages
 from slim_ray.rationale_quality import score_rationales
 
@@ -57,19 +58,26 @@ def test_split_users_and_targets():
     assert training_target({**row, "steps": ["a", "b", "Watch this: Heat (1995)"]}) == "Step 1: a\nStep 2: b\nStep 3: Watch this: Heat (1995)"
 
 
-def test_committed_teacher_set_feeds_distillation():
-    """bench/data's teacher set (bench/teacher.py --export) still loads and splits with today's code."""
+@pytest.mark.parametrize("stem, at_least", [("teacher_ml100k", 300), ("teacher_ml100k_v2", 40)])
+def test_committed_teacher_set_feeds_distillation(stem, at_least):
+    """bench/data's teacher sets (bench/teacher.py --export) still load and split with today's code; v2
+    (grounded by cross-fitted candidates, at checkpoints) also feeds both cross-fitted students."""
     root = Path(__file__).resolve().parents[1]
-    cfg = load_config(root / "configs" / "ml100k.yaml",
-                      [f"distill.rationales={root / 'bench' / 'data' / 'teacher_ml100k.parquet'}"])
+    cfg = load_config(root / "configs" / "ml100k.yaml", [f"distill.rationales={root / 'bench' / 'data' / f'{stem}.parquet'}"])
     rows = load_teacher_rows(cfg)
-    assert len(rows) == rows["user_id"].nunique() >= 300 and rows["parsed"].mean() > 0.95
+    assert len(rows) == rows["user_id"].nunique() >= at_least and rows["parsed"].mean() > 0.95
     train, valid = split_users(rows, cfg.distill.valid_fraction, cfg.run.seed, only_parsed=True)
     assert set(train["user_id"]).isdisjoint(valid["user_id"]) and len(valid) >= cfg.distill.eval_users
     targets = [training_target(r) for r in train.to_dict("records")]
     assert all(t.startswith("Step 1: ") and "\nStep 3: " in t and "candidate list" not in t for t in targets)
-    ledger = json.loads((root / "bench" / "data" / "teacher_ml100k_ledger.json").read_text())
+    ledger = json.loads((root / "bench" / "data" / f"{stem}_ledger.json").read_text())
     assert ledger["rationales"] == len(rows) and ledger["prompt_version"] == rows["prompt_version"].iloc[0]
+    if stem.endswith("v2"):
+        assert ledger["candidates"] == "backbone" and (rows["off_list"] == 0).mean() > 0.9
+        for row in rows.head(50).itertuples():  # the student's prompt carries the teacher's candidates
+            assert row.cut == len(row.seen_ids) and "Candidates: " in row.student_messages
+        folds = fold_of(rows["user_id"].to_numpy(), cfg.data.folds)
+        assert all((folds != f).sum() >= 100 for f in range(cfg.data.folds))  # each fold's student has data
 
 
 def test_score_rationales_hand_computed():

@@ -66,6 +66,10 @@ def test_loss_adds_weighted_soft_label_term_and_text_projection():
     w = importance_weights(targets["teacher_items"], targets["teacher_conf"], logits, cfg)
     term = -(w[0, 0] * logits.log_softmax(1)[0, 5] + w[0, 1] * logits.log_softmax(1)[0, 3]) / 2
     assert torch.allclose(model.calculate_loss({**batch, **targets}), ce + 0.7 * term)
+    # a named item already in the row's own history (seen after the checkpoint) is never a positive
+    seen = {"teacher_items": torch.tensor([[5, 2], [0, 0]]), "teacher_conf": torch.tensor([[1.0, 1.0], [0.0, 0.0]])}
+    w = importance_weights(torch.tensor([[5, 0], [0, 0]]), seen["teacher_conf"], logits, cfg)
+    assert torch.allclose(model.calculate_loss({**batch, **seen}), ce + 0.7 * -(w[0, 0] * logits.log_softmax(1)[0, 5]) / 2)
     slim = build_model("slim+dllm2rec", "SASRec", 6, 4, {}, text, {"top_k": 2})
     assert isinstance(slim, DLLM2Rec) and slim.inner.use_rationale and slim.cfg.top_k == 2
 

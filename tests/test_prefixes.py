@@ -10,7 +10,7 @@ from slim_ray.prefixes import (
     CheckpointIndex, check_leak_free, checkpoint_rows, checkpoints, fold_of, latest_checkpoint, split_prefix,
     train_positions,
 )
-from slim_ray.train import training_table
+from slim_ray.train import leaky_rows, training_table
 
 SEQUENCES = pd.DataFrame({"user_id": [1, 2, 3], "raw_user_id": ["a", "b", "c"],
                           "item_ids": [list(range(1, 13)), [20, 21, 22, 23], [30, 31, 32]]})
@@ -92,3 +92,11 @@ def test_leak_guard_flags_foreign_histories_and_candidates_from_a_model_that_saw
 def test_no_configuration_lets_a_row_see_its_target(per_user, stride):
     rows, _, table = _table_and_rows(per_user, stride)
     assert _audit(rows, table)["violations"] == 0
+
+
+def test_leaky_baseline_is_the_measured_old_design_and_the_guard_sees_it():
+    """train.leaky_baseline: every training row gets the user's s[:n-3] rationale (the old "train" prefix)."""
+    rows, index, table = _table_and_rows()
+    old = leaky_rows(index, SEQUENCES, table.column("user_id").to_numpy())
+    assert set(index.cut_of_rows()[old]) == {9, 1}  # user 1: n - 3 = 9; user 2: n - 3 = 1
+    assert _audit(rows, table, old)["violations"] == 8  # user 1's rows t = 1..8 precede cut 9

@@ -165,7 +165,8 @@ def test_candidates_come_from_the_fold_model_that_never_saw_the_user(ring_datase
         checkpoint_candidates(rows, sequences, len(items) + 1, cfg)  # nothing trained yet: no silent fallback
 
     models = {fold: _save_fold_model(cfg, fold, fold, len(items) + 1) for fold in (0, 1)}
-    candidates = checkpoint_candidates(rows, sequences, len(items) + 1, cfg)
+    candidates, unseen_fold = checkpoint_candidates(rows, sequences, len(items) + 1, cfg)
+    assert (unseen_fold == rows["user_id"].to_numpy() % 2).all()  # read from each model's meta.json
     for row, cands in zip(rows.itertuples(), candidates):
         top = top_unseen(models[row.user_id % 2], [row.history_ids], 8, 3)[0]
         assert cands[:3] == top and len(cands) == 6 and not set(cands) & set(row.history_ids)  # ranked
