@@ -4,7 +4,11 @@
       --backbones SASRec --variants none slim title_oracle genre_oracle --seeds 1 2 3 4 5
   python bench/slim.py --run-dir runs/slim7 --audit          # the signal audit only (bench/signal_audit.py)
   python bench/slim.py --report-only                         # re-render BENCHMARKS.md from bench/results/slim.json
+  python bench/slim.py --run-dir runs/oracle_check --oracles-only --backbones SASRec \
+      --variants none title_oracle genre_oracle --seeds 1 --epochs 4   # the machinery check, no student needed
 
+--oracles-only builds a run without any student (prepare + the checkpoint rows + item vectors), so
+that the positive controls check the fusion design before rationales exist.
 --students builds the run first (incremental): prepare, the cross-fitted fold backbones that pick
 step-3 candidates (`train-folds`), the cross-fitted students exported from the committed adapters
 (fold{k}/adapter + meta.json), and the backfill of every user's checkpoints (slim_ray/prefixes.py).
@@ -81,6 +85,8 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override; needs --tag")
     parser.add_argument("--tag", default=None, help="row suffix for --set runs, e.g. slim + --tag rw0.1 -> slim-rw0.1")
+    parser.add_argument("--oracles-only", action="store_true", help="build a student-free run: only none, text and "
+                        "the oracle variants can be measured on it")
     parser.add_argument("--audit", action="store_true", help="run the signal audit (and nothing else)")
     parser.add_argument("--teacher-set", type=Path, default=ROOT / "bench" / "data" / "teacher_ml100k_v2.parquet")
     parser.add_argument("--report-only", action="store_true")
@@ -94,6 +100,10 @@ def main() -> None:
         overrides[0] = f"data.checkpoints_per_user={built}"
     if args.students:
         build_run(args.run_dir, args.students, overrides + [f"backfill.max_new_tokens={args.max_new_tokens}"])
+    if args.oracles_only:
+        build_oracle_run(args.run_dir, args.checkpoints)
+        if set(args.variants) - {"none", "text", *ORACLES}:
+            parser.error("an --oracles-only run has no student rationales: variants none, text and the oracles only")
 
     results_path = ROOT / "bench" / "results" / "slim.json"
     saved = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -142,6 +152,11 @@ def main() -> None:
             report(results, signal)  # after every cell: a long sweep killed midway keeps what it measured
 
 
+def same_budget(a: dict, b: dict) -> bool:
+    """Rows compare only when trained under the same budget (max epochs, patience)."""
+    return (a["max_epochs"], a["patience"]) == (b["max_epochs"], b["patience"])
+
+
 def summarize(per_seed: dict) -> dict:
     seeds = sorted(per_seed)
     return {"seeds": seeds, **{f"{p}/{m}": {"mean": float(np.mean(v)), "std": float(np.std(v))}
@@ -172,7 +187,7 @@ def report(results: dict, signal: dict) -> None:
     notes = ["Mean ± std over seeds; each run early-stopped on validation NDCG@10 (history masked); test full "
              "ranking with history masked, and 100 sampled negatives. p: two-sided paired t-test over seeds."]
     for name, a, b, label in COMPARISONS:
-        gains = {bb: relative_gain(r[a], r[b]) for bb, r in results.items() if a in r and b in r}
+        gains = {bb: relative_gain(r[a], r[b]) for bb, r in results.items() if a in r and b in r and same_budget(r[a], r[b])}
         summary[name] = gains
         if gains:
             notes.append(f"Relative test NDCG@10 of {label}: " + ", ".join(
@@ -181,7 +196,7 @@ def report(results: dict, signal: dict) -> None:
     for backbone, r in results.items():
         if "slim" in r:
             summary["seeds"][backbone] = len(r["slim"]["seeds"])
-            if "none" in r:
+            if "none" in r and same_budget(r["slim"], r["none"]):
                 summary["p_value"][backbone] = p_value(paired(r["slim"], r["none"]))
     slim_runs = [v for r in results.values() for k, e in r.items() if k == "slim" for v in e["per_seed"].values()]
     summary["leak_free"] = bool(slim_runs) and all(v["leak_free"] for v in slim_runs)
@@ -234,6 +249,40 @@ def build_run(run_dir: Path, students: Path, overrides: list[str]) -> None:
             export_student(students / f"fold{fold}" / "adapter", ensure_student_base(meta["base_model"]),
                            student_dir(cfg, fold), meta)
     print("backfill:", run_backfill(cfg), flush=True)
+
+
+def build_oracle_run(run_dir: Path, checkpoints: int) -> None:
+    """prepare + a backfill-shaped table of every user's checkpoints with no rationale (empty text, zero
+    vectors: the oracle staging replaces both) and the encoded item texts."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from slim_ray.backfill import DEFAULT_ENCODER, load_encoder
+    from slim_ray.prefixes import checkpoint_rows
+    from slim_ray.prepare import load_prepared, run_prepare
+
+    cfg = load_config(ROOT / "configs" / "ml100k.yaml", [f"run.output_dir={run_dir}",
+                                                         f"data.checkpoints_per_user={checkpoints}"])
+    if (run_dir / "backfill" / "manifest.json").is_file():
+        return
+    run_prepare(cfg.data, cfg.prepared_dir)
+    items, sequences, _ = load_prepared(cfg.prepared_dir)
+    rows = checkpoint_rows(sequences, checkpoints, cfg.data.checkpoint_stride).assign(rationale="", parsed=False)
+    dim = 384
+    for column in ("embedding", "step1_embedding", "step2_embedding", "step3_embedding"):
+        rows[column] = [np.zeros(dim, np.float32)] * len(rows)
+    items = items.assign(embedding=list(load_encoder(DEFAULT_ENCODER, threads=2).encode(
+        items["text"].tolist(), batch_size=64, normalize_embeddings=True).astype(np.float32)))
+    out = run_dir / "backfill"
+    out.mkdir(parents=True, exist_ok=True)
+    for frame, name in ((rows, "rationales"), (items, "items")):
+        pq.write_table(pa.Table.from_pandas(pd.DataFrame(frame), preserve_index=False).replace_schema_metadata(None),
+                       out / f"{name}.parquet")
+    (out / "manifest.json").write_text(json.dumps({
+        "oracle_only": True, "rows": len(rows), "encoder": DEFAULT_ENCODER,
+        "checkpoints": {"per_user": checkpoints, "stride": cfg.data.checkpoint_stride, "folds": cfg.data.folds,
+                        "by_split": rows["split"].value_counts().to_dict()}}, indent=2))
 
 
 def stage(run_dir: Path, workdir: Path, source: str) -> Path:
