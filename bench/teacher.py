@@ -162,12 +162,15 @@ def main() -> None:
         f"**{faults['lost_rows']}** | {fl['requests']} | {fl['retries_by_reason']} | {fl['parse_rate']:.1%} | - |",
         f"| local teacher ({ledger['model']}) | {ledger['rows']} | {ledger['rationales']} | {ledger['failures']} | "
         f"- | {ledger['requests']} | {ledger['retries_by_reason']} | **{ledger['parse_rate']:.1%}** | "
-        (f"**{ledger['rationales_per_min']:.2f}** |" if ledger["from_cache"] < ledger["rows"]  # else: an export
+        + (f"**{ledger['rationales_per_min']:.2f}** |" if ledger["from_cache"] < ledger["rows"]  # else: an export
          else f"**{60 / summary['median_latency_s']:.2f}** (60 / median answer latency; exported from the cache) |"),
     ]
     example = ok.iloc[0]["rationale"] if len(ok) else ""
-    notes = (f"Local teacher: {ledger['prompt_tokens']:,} prompt + {ledger['completion_tokens']:,} completion tokens "
-             f"in {ledger['wall_s']:.0f} s (llama.cpp, 2 threads, one request at a time). Step-3 items found in "
+    notes = ((f"Local teacher: {ledger['prompt_tokens']:,} prompt + {ledger['completion_tokens']:,} completion tokens "
+              f"in {ledger['wall_s']:.0f} s (llama.cpp, 2 threads, one request at a time). ")
+             if ledger["from_cache"] < ledger["rows"] else
+             "Local teacher (llama.cpp, 2 threads, one request at a time), exported from its response cache: "
+             "the rows are the longest answered prefix of the seeded sample. ") + (f"Step-3 items found in "
              f"the catalogue: {grounded:.1%}; already in the history: {summary['step3_history_item_share']:.1%}. "
              f"Truncated completions: {ledger['truncated']}. Candidates ({args.candidates}) hold the user's next item "
              f"for {summary['candidates_hold_next_item']:.1%} of rows; step 3 names it (top 5) for "

@@ -58,7 +58,7 @@ def test_split_users_and_targets():
     assert training_target({**row, "steps": ["a", "b", "Watch this: Heat (1995)"]}) == "Step 1: a\nStep 2: b\nStep 3: Watch this: Heat (1995)"
 
 
-@pytest.mark.parametrize("stem, at_least", [("teacher_ml100k", 300), ("teacher_ml100k_v2", 40)])
+@pytest.mark.parametrize("stem, at_least", [("teacher_ml100k", 300), ("teacher_ml100k_v2", 200)])
 def test_committed_teacher_set_feeds_distillation(stem, at_least):
     """bench/data's teacher sets (bench/teacher.py --export) still load and split with today's code; v2
     (grounded by cross-fitted candidates, at checkpoints) also feeds both cross-fitted students."""
@@ -67,7 +67,7 @@ def test_committed_teacher_set_feeds_distillation(stem, at_least):
     rows = load_teacher_rows(cfg)
     assert len(rows) == rows["user_id"].nunique() >= at_least and rows["parsed"].mean() > 0.95
     train, valid = split_users(rows, cfg.distill.valid_fraction, cfg.run.seed, only_parsed=True)
-    assert set(train["user_id"]).isdisjoint(valid["user_id"]) and len(valid) >= cfg.distill.eval_users
+    assert set(train["user_id"]).isdisjoint(valid["user_id"]) and len(valid) >= 0.1 * len(rows)
     targets = [training_target(r) for r in train.to_dict("records")]
     assert all(t.startswith("Step 1: ") and "\nStep 3: " in t and "candidate list" not in t for t in targets)
     ledger = json.loads((root / "bench" / "data" / f"{stem}_ledger.json").read_text())
@@ -77,7 +77,8 @@ def test_committed_teacher_set_feeds_distillation(stem, at_least):
         for row in rows.head(50).itertuples():  # the student's prompt carries the teacher's candidates
             assert row.cut == len(row.seen_ids) and "Candidates: " in row.student_messages
         folds = fold_of(rows["user_id"].to_numpy(), cfg.data.folds)
-        assert all((folds != f).sum() >= 100 for f in range(cfg.data.folds))  # each fold's student has data
+        # each fold's student trains on the other folds' users and is scored on its own fold's users
+        assert all((folds != f).sum() >= at_least // 3 for f in range(cfg.data.folds))
 
 
 def test_score_rationales_hand_computed():
