@@ -184,7 +184,8 @@ def p_value(diffs: list[float]) -> float | None:
 
 def report(results: dict, signal: dict) -> None:
     summary: dict = {"seeds": {}, "p_value": {}}
-    notes = ["Mean ± std over seeds; each run early-stopped on validation NDCG@10 (history masked); test full "
+    notes = ["Mean ± std over seeds; each run trains up to its row's max epochs with early stopping at its patience "
+             "(both in bench/results/slim.json) and keeps its best validation-NDCG@10 epoch (history masked); test full "
              "ranking with history masked, and 100 sampled negatives. p: two-sided paired t-test over seeds."]
     for name, a, b, label in COMPARISONS:
         gains = {bb: relative_gain(r[a], r[b]) for bb, r in results.items() if a in r and b in r and same_budget(r[a], r[b])}
