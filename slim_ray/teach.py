@@ -201,13 +201,22 @@ def _run_teach(cfg: Config, num_samples: int | None) -> dict:
         limiter = None
         if tc.requests_per_min or tc.tokens_per_min:
             limiter = ray.remote(num_cpus=0)(TokenBucketLimiter).remote(tc.requests_per_min, tc.tokens_per_min)
-        ds = ray.data.from_pandas(requests).repartition(max(1, len(requests) // tc.batch_size))
-        ds = ds.map_batches(
-            TeacherActor, batch_format="pandas", batch_size=tc.batch_size, concurrency=tc.num_actors,
-            num_cpus=tc.actor_cpus, fn_constructor_kwargs={
-                "teacher": tc.model_dump(mode="json"), "cache_dir": str(cache_dir),
-                "item_ids": items["item_id"].tolist(), "titles": items["title"].tolist(),
-                "vocabulary": aspect_vocabulary(items), "limiter": limiter})
+        actor_kwargs = {"teacher": tc.model_dump(mode="json"), "cache_dir": str(cache_dir),
+                        "item_ids": items["item_id"].tolist(), "titles": items["title"].tolist(),
+                        "vocabulary": aspect_vocabulary(items), "limiter": limiter}
+
+        def answered(part: pd.DataFrame):
+            ds = ray.data.from_pandas(part).repartition(max(1, len(part) // tc.batch_size))
+            return ds.map_batches(TeacherActor, batch_format="pandas", batch_size=tc.batch_size,
+                                  concurrency=tc.num_actors, num_cpus=tc.actor_cpus,
+                                  fn_constructor_kwargs=actor_kwargs)
+
+        # Users with the same history and candidates share a prompt: it is paid once, and the repeats
+        # are answered from the cache after the first pass, never in flight beside it.
+        first = ~requests["cache_key"].duplicated()
+        ds = answered(requests[first])
+        if not first.all():
+            ds = ds.materialize().union(answered(requests[~first]))
         ledger: dict = {}
 
         def write(tmp: Path) -> None:

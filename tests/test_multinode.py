@@ -60,11 +60,12 @@ def _pipeline_config(root: Path, student: str, teacher_url: str) -> Path:
         "run": {"output_dir": str(root / "run")},
         "ray": {"object_store_memory_mb": 100},
         "data": {"interactions": str(root / "r.inter"), "items": str(root / "r.item")},
-        "train": {"epochs": 2, "batch_size": 32, "eval_negatives": 10, "cpus_per_worker": 1,
+        "train": {"epochs": 1, "batch_size": 32, "eval_negatives": 10, "cpus_per_worker": 1,
                   "model": {"hidden_size": 16, "inner_size": 32, "n_layers": 1}},
         "teacher": {"base_url": teacher_url, "model": "fault-model", "launch_local": False, "num_samples": 24,
                     "n_candidates": 5, "candidates": "backbone", "num_actors": 1, "concurrency": 4, "timeout_s": 5},
-        "distill": {"base_model": student, "strategy": "ddp", "epochs": 1, "batch_size": 4, "cpus_per_worker": 1,
+        # One student, not one per fold: cross-fitting has its own tests, and this one is about the cluster.
+        "distill": {"base_model": student, "cross_fit": False, "strategy": "ddp", "epochs": 1, "batch_size": 4, "cpus_per_worker": 1,
                     "eval_users": 4, "max_new_tokens": 16},
         # Two student actors of one CPU on two nodes of two CPUs (Ray Data spreads them): one is on the
         # worker node when it dies, and the head has room to restart it.
