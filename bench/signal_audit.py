@@ -49,10 +49,12 @@ def oracle_backfill(workdir: Path, source: str) -> None:
     rows = pd.read_parquet(path)
     items = pd.read_parquet(workdir / "prepared" / "items.parquet").set_index("item_id")
     texts = [ORACLES[source](items.loc[int(i)]) for i in rows["next_item_id"]]
-    vectors = load_encoder(DEFAULT_ENCODER, threads=2).encode(texts, batch_size=64, normalize_embeddings=True)
+    distinct = sorted(set(texts))  # one text per item: encode each once
+    encoded = load_encoder(DEFAULT_ENCODER, threads=2).encode(distinct, batch_size=64, normalize_embeddings=True)
+    vector_of = dict(zip(distinct, encoded.astype(np.float32)))
     rows = rows.assign(rationale=texts, step1=texts, step2=texts, step3=texts)
     for column in VECTOR_COLUMNS:
-        rows[column] = list(vectors.astype(np.float32))
+        rows[column] = [vector_of[t] for t in texts]
     pq.write_table(pa.Table.from_pandas(rows, preserve_index=False).replace_schema_metadata(None), path)
 
 
@@ -81,14 +83,19 @@ def run_audit(run_dir: Path, teacher_set: Path, results: dict) -> dict:
         out["teacher_step3_hit5"] = float(np.mean([n in list(i)[:5] for n, i in zip(teacher["next_item_id"], teacher["named_item_ids"])]))
         out["teacher_candidates_hold_next_item"] = float(np.mean([n in c for n, c in zip(teacher["next_item_id"], teacher["candidate_ids"])]))
     out["backbone_top5_hit5"] = backbone_top5(cfg, test)
-    popular = popular_by_fold(sequences, n_items, cfg.data.folds)  # as bench/teacher.py: other folds' counts
-    user_fold = fold_of(test["user_id"].to_numpy(), cfg.data.folds)
-    out["popularity_hit5"] = float(np.mean([n in fill([], set(map(int, h)), popular[f], 5)
-                                            for n, h, f in zip(nxt, test["history_ids"], user_fold)]))
+    out["popularity_hit5"] = popularity_hit5(sequences, n_items, cfg.data.folds, test["user_id"], nxt, test["history_ids"])
     counts_train, _ = item_popularity(sequences["train_item_ids"], n_items)
     out.update(zero_shot(run_dir, test, counts_train, n_items))
     out.update(explanation_agreement(cfg, run_dir, items, sequences, test))
     return out
+
+
+def popularity_hit5(sequences: pd.DataFrame, n_items: int, folds: int, user_ids, next_ids, seen_ids) -> float:
+    """Is the next item among the 5 most popular unseen items (counted on the other folds' users, as
+    the candidates' popularity top-up is)?"""
+    popular = popular_by_fold(sequences, n_items, folds)
+    user_fold = fold_of(np.asarray(user_ids), folds)
+    return float(np.mean([n in fill([], set(map(int, h)), popular[f], 5) for n, h, f in zip(next_ids, seen_ids, user_fold)]))
 
 
 def backbone_top5(cfg, test: pd.DataFrame) -> float:

@@ -76,8 +76,10 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "slim7")
     parser.add_argument("--students", type=Path, default=None,
                         help="committed cross-fitted adapters (fold{k}/adapter + meta.json): build the run first")
-    parser.add_argument("--checkpoints", type=int, default=4, help="training checkpoints per user for --students "
+    parser.add_argument("--checkpoints", type=int, default=10, help="training checkpoints per user for --students "
                         "(data.checkpoints_per_user); an existing run keeps what its backfill was built with")
+    parser.add_argument("--stride", type=int, default=None, help="items between training checkpoints "
+                        "(data.checkpoint_stride; default: the config's); an existing run keeps its own")
     parser.add_argument("--backbones", nargs="+", default=["SASRec", "GRU4Rec", "SRGNN"])
     parser.add_argument("--variants", nargs="+", default=["none", "slim"], choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
@@ -94,14 +96,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.overrides and not args.tag:
         parser.error("--set changes the model: name its rows with --tag")
-    overrides = [f"data.checkpoints_per_user={args.checkpoints}", "train.shuffle_buffer=1000000"]  # full reshuffle
+    stride = args.stride or load_config(ROOT / "configs" / "ml100k.yaml").data.checkpoint_stride
     if (args.run_dir / "backfill" / "manifest.json").is_file() and not args.students:
-        built = json.loads((args.run_dir / "backfill" / "manifest.json").read_text())["checkpoints"]["per_user"]
-        overrides[0] = f"data.checkpoints_per_user={built}"
+        built = json.loads((args.run_dir / "backfill" / "manifest.json").read_text())["checkpoints"]
+        args.checkpoints, stride = built["per_user"], built["stride"]
+    overrides = [f"data.checkpoints_per_user={args.checkpoints}", f"data.checkpoint_stride={stride}",
+                 "train.shuffle_buffer=1000000"]  # full reshuffle
     if args.students:
         build_run(args.run_dir, args.students, overrides + [f"backfill.max_new_tokens={args.max_new_tokens}"])
     if args.oracles_only:
-        build_oracle_run(args.run_dir, args.checkpoints)
+        build_oracle_run(args.run_dir, overrides)
         if set(args.variants) - {"none", "text", *ORACLES}:
             parser.error("an --oracles-only run has no student rationales: variants none, text and the oracles only")
 
@@ -133,11 +137,13 @@ def main() -> None:
                 r = run_evaluate(cfg)
                 guard = meta.get("leak_guard") or {}
                 per_seed[seed] = {"best_epoch": r["best_epoch"], "epochs_run": meta["epochs_run"],
+                                  "text_row_share": guard["rows_with_rationale"] / guard["training_rows"] if guard else None,
                                   "leak_free": None if not uses_rationale(fusion) else
                                   (source == "student" and bool(guard.get("leak_free"))),
                                   **{f"{p}/{m}": r[p].get(m, float("nan")) for p, m in COLUMNS}}
             built = json.loads((args.run_dir / "backfill" / "manifest.json").read_text())["checkpoints"]
             setting = {"max_epochs": args.epochs, "patience": args.patience, "checkpoints": built["per_user"],
+                       "stride": built["stride"],
                        "rationales": os.path.relpath(args.run_dir / "backfill", ROOT),
                        **({"overrides": args.overrides} if args.overrides else {})}
             row = ID_AGNOSTIC if fusion == "text_match" else backbone
@@ -205,13 +211,13 @@ def report(results: dict, signal: dict) -> None:
     summary["share_of_genre_oracle_lift"] = {bb: summary["slim_over_base_ndcg10"][bb] / g
                                              for bb, g in genre.items() if bb in summary["slim_over_base_ndcg10"] and g}
     summary["signal"] = signal
-    lines = ["| backbone | variant | seeds | epochs run | " + " | ".join(f"{p} {m.upper()}" for p, m in COLUMNS) + " |",
-             "|---|---|---|---|" + "---|" * len(COLUMNS)]
+    lines = ["| backbone | variant | rationales | seeds | epochs run | " + " | ".join(f"{p} {m.upper()}" for p, m in COLUMNS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(COLUMNS)]
     for backbone, variants in results.items():
         for variant, e in sorted(variants.items(), key=lambda kv: (ORDER.index(kv[0].split("-")[0]), kv[0])):
             cells = [f"{e[f'{p}/{m}']['mean']:.4f} ± {e[f'{p}/{m}']['std']:.4f}" for p, m in COLUMNS]
             epochs = "/".join(str(v["epochs_run"]) for v in e["per_seed"].values())
-            lines.append(f"| {backbone} | {variant} | {len(e['seeds'])} | {epochs} | " + " | ".join(cells) + " |")
+            lines.append(f"| {backbone} | {variant} | {design(e)} | {len(e['seeds'])} | {epochs} | " + " | ".join(cells) + " |")
     if signal:
         notes.append("Signal audit (bench/signal_audit.py, test checkpoints): " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in signal.items() if not isinstance(v, dict)) + ".")
@@ -219,6 +225,17 @@ def report(results: dict, signal: dict) -> None:
         c for v in results.values() for m in v.values() for c in m["commands"])) + ".")
     publish("slim", "SLIM fusion on ML-100k, v2 (leak-free checkpoints, grounded cross-fitted student)",
             {"version": 2, "summary": summary, "results": results, "signal": signal}, "\n".join(lines), "\n\n".join(notes))
+
+
+def design(entry: dict) -> str:
+    """Where a row's rationales come from: training checkpoints per user x stride, the staleness cap,
+    and the share of training rows that had one."""
+    if entry["per_seed"] and all(v.get("leak_free") is None for v in entry["per_seed"].values()):
+        return "-"  # no rationale vectors in this variant
+    staleness = next((o.split("=")[1] for o in entry.get("overrides", []) if o.startswith("train.max_staleness=")), "any")
+    shares = [v["text_row_share"] for v in entry["per_seed"].values() if v.get("text_row_share") is not None]
+    covered = f", {shares[0]:.0%} of training rows" if shares else ""
+    return f"{entry['checkpoints']} x stride {entry.get('stride', 5)}, staleness {staleness}{covered}"
 
 
 def fmt_p(p: float | None) -> str:
@@ -252,7 +269,7 @@ def build_run(run_dir: Path, students: Path, overrides: list[str]) -> None:
     print("backfill:", run_backfill(cfg), flush=True)
 
 
-def build_oracle_run(run_dir: Path, checkpoints: int) -> None:
+def build_oracle_run(run_dir: Path, overrides: list[str]) -> None:
     """prepare + a backfill-shaped table of every user's checkpoints with no rationale (empty text, zero
     vectors: the oracle staging replaces both) and the encoded item texts."""
     import pandas as pd
@@ -263,13 +280,12 @@ def build_oracle_run(run_dir: Path, checkpoints: int) -> None:
     from slim_ray.prefixes import checkpoint_rows
     from slim_ray.prepare import load_prepared, run_prepare
 
-    cfg = load_config(ROOT / "configs" / "ml100k.yaml", [f"run.output_dir={run_dir}",
-                                                         f"data.checkpoints_per_user={checkpoints}"])
+    cfg = load_config(ROOT / "configs" / "ml100k.yaml", [f"run.output_dir={run_dir}", *overrides])
     if (run_dir / "backfill" / "manifest.json").is_file():
         return
     run_prepare(cfg.data, cfg.prepared_dir)
     items, sequences, _ = load_prepared(cfg.prepared_dir)
-    rows = checkpoint_rows(sequences, checkpoints, cfg.data.checkpoint_stride).assign(rationale="", parsed=False)
+    rows = checkpoint_rows(sequences, cfg.data.checkpoints_per_user, cfg.data.checkpoint_stride).assign(rationale="", parsed=False)
     dim = 384
     for column in ("embedding", "step1_embedding", "step2_embedding", "step3_embedding"):
         rows[column] = [np.zeros(dim, np.float32)] * len(rows)
@@ -282,7 +298,7 @@ def build_oracle_run(run_dir: Path, checkpoints: int) -> None:
                        out / f"{name}.parquet")
     (out / "manifest.json").write_text(json.dumps({
         "oracle_only": True, "rows": len(rows), "encoder": DEFAULT_ENCODER,
-        "checkpoints": {"per_user": checkpoints, "stride": cfg.data.checkpoint_stride, "folds": cfg.data.folds,
+        "checkpoints": {"per_user": cfg.data.checkpoints_per_user, "stride": cfg.data.checkpoint_stride, "folds": cfg.data.folds,
                         "by_split": rows["split"].value_counts().to_dict()}}, indent=2))
 
 

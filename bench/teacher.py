@@ -38,6 +38,7 @@ from slim_ray.fault_server import FaultServer  # noqa: E402
 from slim_ray.prepare import run_prepare  # noqa: E402
 from slim_ray.teach import load_rationales, run_teach  # noqa: E402
 from slim_ray.train import run_train_folds  # noqa: E402
+from signal_audit import popularity_hit5  # noqa: E402
 
 
 def fault_run(workdir: Path, samples: int) -> dict:
@@ -94,17 +95,12 @@ def local_run(workdir: Path, samples: int, cache_dir: Path | None, candidates: s
     return ledger, load_rationales(cfg.run.output_dir / "teacher")
 
 
-def popularity_hit5(rows, workdir: Path) -> float:
-    from slim_ray.candidates import fill, popular_by_fold
-    from slim_ray.prefixes import fold_of
+def teacher_popularity_hit5(rows, workdir: Path) -> float:
     from slim_ray.prepare import load_prepared
 
     items, sequences, _ = load_prepared(workdir / "local" / "prepared")
     n_folds = load_config(ROOT / "configs" / "ml100k.yaml").data.folds
-    popular = popular_by_fold(sequences, len(items) + 1, n_folds)
-    folds = fold_of(rows["user_id"].to_numpy(), n_folds)
-    return float(np.mean([n in fill([], set(seen), popular[f], 5)
-                          for n, seen, f in zip(rows["next_item_id"], rows["seen_ids"], folds)]))
+    return popularity_hit5(sequences, len(items) + 1, n_folds, rows["user_id"], rows["next_item_id"], rows["seen_ids"])
 
 
 def main() -> None:
@@ -151,7 +147,7 @@ def main() -> None:
                # the same rows' baselines: the fold backbone's own top 5 (candidates are ranked, its items
                # first) and the 5 most popular unseen items among the other folds' users
                "backbone_top5_hit5": float(np.mean([n in list(c)[:5] for n, c in zip(ok["next_item_id"], ok["candidate_ids"])])),
-               "popularity_hit5": popularity_hit5(ok, workdir=args.workdir),
+               "popularity_hit5": teacher_popularity_hit5(ok, workdir=args.workdir),
                "step3_off_list_share": float(ok["off_list"].sum() / max(ok["in_catalogue"].sum(), 1))
                if "off_list" in ok else None}
     fl = faults["ledger"]

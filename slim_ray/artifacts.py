@@ -46,13 +46,15 @@ def load_backfill(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.read_parquet(out_dir / "rationales.parquet"), pd.read_parquet(out_dir / "items.parquet")
 
 
-def fusion_vectors(cfg: Config, n_items: int, sequences: pd.DataFrame
+def fusion_vectors(cfg: Config, n_items: int, sequences: pd.DataFrame,
+                   backfill: tuple[pd.DataFrame, pd.DataFrame] | None = None
                    ) -> tuple[np.ndarray | None, dict | None, CheckpointIndex | None]:
     """Item text matrix, rationale vectors ({"rows": [R + 1, T], "valid"/"test": [n_users + 1, T]})
-    and the checkpoint index of the backfill, as the variant needs them (Nones without fusion)."""
+    and the checkpoint index of the backfill (`load_backfill`, read here unless given), as the variant
+    needs them (Nones without fusion)."""
     if cfg.train.fusion == "none":
         return None, None, None
-    rows, items = load_backfill(cfg)
+    rows, items = backfill or load_backfill(cfg)
     item_text = item_text_matrix(items, n_items).numpy()
     if not uses_rationale(cfg.train.fusion) and "dllm2rec" not in cfg.train.fusion:
         return item_text, None, None

@@ -175,7 +175,8 @@ def run_backfill(cfg: Config) -> dict:
     rows["candidate_ids"], rows["candidate_holdout_fold"] = checkpoint_candidates(rows, sequences, len(items) + 1, cfg)
     user_fold = fold_of(rows["user_id"].to_numpy(), dc.folds)
     rows["student_holdout_fold"] = user_fold if None not in paths else -1  # -1: one student saw everyone
-    requests = pd.concat([backfill_requests(items, rows[rows["student_holdout_fold"] == (-1 if fold is None else fold)],
+    label = {fold: -1 if fold is None else fold for fold in paths}  # student_holdout_fold of each student's rows
+    requests = pd.concat([backfill_requests(items, rows[rows["student_holdout_fold"] == label[fold]],
                                             stats["domain"], bc, cfg.teacher.history_len, versions[fold])
                           for fold in paths], ignore_index=True)
     items = items.assign(key=[hashlib.sha256(f"{bc.encoder}\n{t}".encode()).hexdigest()[:16] for t in items["text"]])
@@ -200,7 +201,7 @@ def run_backfill(cfg: Config) -> dict:
     with ray_session(cfg.ray, env={"OMP_NUM_THREADS": str(threads)}):
         generated = []
         for fold, path in paths.items():  # one student at a time: each pool holds all the CPUs
-            part = todo[todo["student_holdout_fold"] == (-1 if fold is None else fold)]
+            part = todo[todo["student_holdout_fold"] == label[fold]]
             if not len(part):
                 continue
             # One block per batch, made here: a repartition task would need a CPU that the student

@@ -52,9 +52,13 @@ class DataConfig(_Section):
                              "(3 = one train item + valid + test).")
     checkpoints_per_user: int = Field(4, ge=1, description="Training checkpoints per user: history cuts "
                                       "where rationales are written for training rows (slim_ray.prefixes); "
-                                      "valid and test have their own.")
+                                      "valid and test have their own. The rationale count (and backfill "
+                                      "cost) is users x (this + 2).")
     checkpoint_stride: int = Field(5, ge=1, description="Items between training checkpoints: a training "
-                                   "row's rationale is at most stride-1 items older than its target.")
+                                   "row's rationale is at most stride-1 items older than its target. "
+                                   "configs/ml100k.yaml and bench/slim.py use 1 (every covered row has its own, "
+                                   "as test rows do): the fusion learns from that and not from stale ones "
+                                   "(BENCHMARKS.md, SLIM fusion v2, oracle rows).")
     folds: int = Field(2, ge=2, description="User folds for cross-fitting: a user's candidates and "
                        "rationales come from models trained without that user's fold.")
 
@@ -90,6 +94,10 @@ class TrainConfig(_Section):
     dllm2rec: DLLM2RecConfig = Field(default_factory=DLLM2RecConfig)
     rationale: Literal["all", "step1", "step2", "step3"] = Field(
         "all", description="Which rationale vector fusion uses (the paper's step ablation).")
+    max_staleness: int | None = Field(None, ge=0, description="A training row uses its latest checkpoint's "
+                                      "rationale only when the checkpoint ends at most this many items before "
+                                      "the row's target (0: only the row each rationale was written for, as "
+                                      "at test time); other rows get none. Unset: any earlier checkpoint.")
     leaky_baseline: bool = Field(False, description="Benchmark only: reproduce the pre-checkpoint design (every "
                                  "training row of a user gets the rationale of its last training prefix s[:n-3], "
                                  "which holds the targets of the earlier rows) "

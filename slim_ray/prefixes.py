@@ -83,7 +83,8 @@ def checkpoint_rows(sequences: pd.DataFrame, per_user: int, stride: int) -> pd.D
 class CheckpointIndex:
     """(user, cut) -> row of a checkpoint table (rationales, vectors); row 0 means "none".
 
-    `row_for(user, t)` is the rule above: the latest checkpoint c <= t that the table holds.
+    `row_for(user, t)` is the rule above: the latest checkpoint c <= t that the table holds, if it is
+    at most `max_staleness` items older than t.
     """
 
     def __init__(self, user_ids, cuts):
@@ -95,9 +96,11 @@ class CheckpointIndex:
         for user_cuts in self.cuts.values():
             user_cuts.sort()
 
-    def row_for(self, user: int, t: int) -> int:
+    def row_for(self, user: int, t: int, max_staleness: int | None = None) -> int:
         cut = latest_checkpoint(self.cuts.get(int(user), []), t)
-        return 0 if cut is None else self.row[(int(user), cut)]
+        if cut is None or (max_staleness is not None and t - cut > max_staleness):
+            return 0
+        return self.row[(int(user), cut)]
 
     def cut_of_rows(self) -> np.ndarray:
         """[rows + 1] the cut of every row (-1 for row 0)."""

@@ -32,7 +32,7 @@ SELECT_METRIC = "valid_ndcg@10"
 
 
 def training_table(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | None = None,
-                   index: CheckpointIndex | None = None) -> pa.Table:
+                   index: CheckpointIndex | None = None, max_staleness: int | None = None) -> pa.Table:
     """One row per (history prefix -> next item) of each training sequence, right-padded, with the
     target's position and the checkpoint row (`index`, 0 = none) whose rationale the row may use.
 
@@ -53,7 +53,7 @@ def training_table(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | No
             targets.append(seq[t])
             users.append(user)
             positions.append(t)
-            text_rows.append(index.row_for(user, t) if index is not None else 0)
+            text_rows.append(index.row_for(user, t, max_staleness) if index is not None else 0)
     order = (np.random.default_rng(shuffle_seed).permutation(len(seqs)) if shuffle_seed is not None
              else np.arange(len(seqs)))
     return pa.table({"item_seq": ArrowTensorArray.from_numpy(np.stack(seqs)[order]),
@@ -149,17 +149,18 @@ def run_train(cfg: Config, resume: bool = False, holdout_fold: int | None = None
         sequences = sequences[fold_of(sequences["user_id"].to_numpy(), cfg.data.folds) != holdout_fold]
     storage = (cfg.run.output_dir / "ray_train").resolve()
     name = f"train-{model_name}"
-    item_text, user_text, index = fusion_vectors(cfg, n_items, sequences)
-    table = training_table(sequences, max_len, shuffle_seed=cfg.run.seed, index=index)
+    backfill = load_backfill(cfg) if tc.fusion != "none" else None  # read once: vectors, guard, DLLM2Rec
+    item_text, user_text, index = fusion_vectors(cfg, n_items, sequences, backfill)
+    table = training_table(sequences, max_len, shuffle_seed=cfg.run.seed, index=index, max_staleness=tc.max_staleness)
     if tc.leaky_baseline and index is not None:  # the old design, measured beside the new one
         table = table.set_column(table.schema.get_field_index("text_row"), "text_row",
                                  pa.array(leaky_rows(index, sequences, table.column("user_id").to_numpy())))
-    guard = leak_guard(cfg, sequences, table) if index is not None else None
+    guard = leak_guard(cfg, sequences, table, backfill[0]) if index is not None else None
     targets = None
     if "dllm2rec" in tc.fusion:
         from slim_ray.dllm2rec import distill_targets
 
-        targets = distill_targets(load_backfill(cfg)[0], items, tc.dllm2rec.top_k)
+        targets = distill_targets(backfill[0], items, tc.dllm2rec.top_k)
     if not resume:
         shutil.rmtree(storage / name, ignore_errors=True)
     env = worker_env(tc.use_gpu, tc.cpus_per_worker)
@@ -221,11 +222,10 @@ def leaky_rows(index: CheckpointIndex, sequences: pd.DataFrame, users) -> np.nda
     return np.array([index.row_for(int(u), length[int(u)] - 3) for u in users], dtype=np.int64)
 
 
-def leak_guard(cfg: Config, sequences: pd.DataFrame, table: pa.Table) -> dict:
+def leak_guard(cfg: Config, sequences: pd.DataFrame, table: pa.Table, rows: pd.DataFrame) -> dict:
     """Refuses to train when a training row would use a rationale written from a history that holds its
     target, or whose candidates came from a model trained on the user (see prefixes.check_leak_free);
-    records whether the students were cross-fitted (`leak_free` needs both)."""
-    rows, _ = load_backfill(cfg)
+    records whether the students were cross-fitted (`leak_free` needs both). `rows`: the backfill's."""
     report = check_leak_free(sequences, rows, table.column("user_id").to_numpy(),
                              table.column("target_pos").to_numpy(), table.column("text_row").to_numpy(), cfg.data.folds)
     report["leak_free"] = report["violations"] == 0 and report["student_cross_fitted"]

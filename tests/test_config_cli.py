@@ -17,7 +17,8 @@ runner = CliRunner()
 def test_default_yaml_loads_and_keeps_model_defaults_for_data():
     cfg = load_config(REPO / "configs" / "ml100k.yaml")
     # the split protocol is the library's (RecBole's); only the demo's rationale budget differs
-    assert cfg.data == Config().data.model_copy(update={"checkpoints_per_user": 1}) and cfg.run == Config().run
+    assert cfg.data == Config().data.model_copy(update={"checkpoints_per_user": 1, "checkpoint_stride": 1})
+    assert cfg.run == Config().run
     assert cfg.train.backbone == "SASRec" and cfg.train.epochs == 3 and cfg.train.cpus_per_worker == 2
 
 

@@ -53,6 +53,20 @@ def test_every_training_row_uses_its_latest_checkpoint_before_its_target():
     assert index.split_rows(SEQUENCES, "valid")[2] == index.row[(2, 2)]
 
 
+def test_max_staleness_keeps_only_rationales_written_close_enough_to_the_target():
+    rows = checkpoint_rows(SEQUENCES, 2, 3)
+    index = CheckpointIndex(rows["user_id"], rows["cut"])
+    cut_of = index.cut_of_rows()
+    fresh = training_table(SEQUENCES, max_len=5, index=index, max_staleness=0)
+    used = fresh.column("text_row").to_numpy() > 0
+    # user 1 (cuts 6, 9): only t = 6 and t = 9; user 2 (cut 1): t = 1; user 3 has no training checkpoint
+    assert sorted(zip(fresh.column("user_id").to_numpy()[used], fresh.column("target_pos").to_numpy()[used])) == [
+        (1, 6), (1, 9), (2, 1)]
+    assert (cut_of[fresh.column("text_row").to_numpy()[used]] == fresh.column("target_pos").to_numpy()[used]).all()
+    one = training_table(SEQUENCES, max_len=5, index=index, max_staleness=1)
+    assert (one.column("text_row").to_numpy() > 0).sum() == 4  # adds t = 7 of user 1 (t = 10 is a valid row)
+
+
 def _audit(rows, table, text_rows=None, folds=2):
     return check_leak_free(SEQUENCES, rows, table.column("user_id").to_numpy(), table.column("target_pos").to_numpy(),
                            table.column("text_row").to_numpy() if text_rows is None else text_rows, folds)
