@@ -78,7 +78,10 @@ def cached_prefix(cfg) -> int:
 def local_run(workdir: Path, samples: int, cache_dir: Path | None, candidates: str,
               train_epochs: int, only_cached: bool = False) -> tuple[dict, object]:
     overrides = [f"run.output_dir={workdir / 'local'}", f"teacher.num_samples={samples}",
-                 "data.checkpoints_per_user=4",  # the student learns to write at any of them
+                 # Each user's checkpoint is drawn from this schedule: pinned, because changing it changes
+                 # the prompts, and the cache then answers none of them (from 2026-12-01: stride 1, the
+                 # fusion design; the first 204 answers at stride 5 stay in the cache unused).
+                 "data.checkpoints_per_user=4", "data.checkpoint_stride=1",  # the student learns any of them
                  f"teacher.candidates={candidates}", f"train.epochs={train_epochs}"]
     if cache_dir is not None:  # committed with the export: a later session resumes or extends the set
         overrides.append(f"teacher.cache_dir={cache_dir.resolve()}")

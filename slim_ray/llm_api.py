@@ -116,8 +116,9 @@ def classify(exc: Exception) -> tuple[str, bool]:
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         return ("rate_limited" if status == 429 else f"http_{status}"), status in RETRYABLE_STATUS or status >= 500
-    if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, KeyError,
-                        IndexError, TypeError, AttributeError)):
+    # A body that is not the chat schema; TypeError/AttributeError are left out on purpose: they are our
+    # bugs, and retrying them would hide them as "malformed" responses.
+    if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, KeyError, IndexError)):
         return "malformed_response", True
     return type(exc).__name__, False
 
@@ -125,7 +126,7 @@ def classify(exc: Exception) -> tuple[str, bool]:
 class ChatCaller:
     def __init__(self, base_url: str, model: str, api_key: str, *, timeout_s: float = 120,
                  max_retries: int = 5, backoff_base_s: float = 1.0, backoff_max_s: float = 60.0,
-                 cache: ResponseCache | None = None, limiter=None, seed: int = 0):
+                 cache: ResponseCache | None = None, limiter=None, seed: int | None = None):
         import openai
 
         # The client's own retries are off: ours count retries and honour Retry-After the same way
@@ -134,7 +135,7 @@ class ChatCaller:
         self.model, self.max_retries = model, max_retries
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self.cache, self.limiter = cache, limiter
-        self.rng = random.Random(seed)
+        self.rng = random.Random(seed)  # backoff jitter; unseeded, so actors retrying after one 429 spread out
 
     def _wait_for_limit(self, tokens: int) -> None:
         if self.limiter is None:

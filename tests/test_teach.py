@@ -54,6 +54,16 @@ def test_retries_classify_each_fault(tmp_path, script, reasons, ok):
         assert "Step 3: Heat, Casino" in result.text and result.completion_tokens > 0
 
 
+def test_our_own_bugs_are_not_retried_as_malformed_responses_and_jitter_differs_per_caller(tmp_path):
+    from slim_ray.llm_api import classify
+
+    assert classify(ValueError("empty completion")) == ("malformed_response", True)
+    assert classify(TypeError("'NoneType' object is not subscriptable")) == ("TypeError", False)
+    assert classify(AttributeError("x")) == ("AttributeError", False)
+    draws = {tuple(ChatCaller("http://127.0.0.1:9/v1", "m", "k").rng.random() for _ in range(3)) for _ in range(4)}
+    assert len(draws) == 4  # four actors' backoffs after the same 429 are not in lockstep
+
+
 def test_cache_hit_sends_nothing(tmp_path):
     with FaultServer(scripts=[[]]) as server:
         first = _caller(server, tmp_path).call(MESSAGES, "same-key", max_tokens=32, temperature=0)
