@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from slim_ray.errors import ConfigError
 
@@ -92,6 +92,11 @@ class TrainConfig(_Section):
         "the student's rationale per user (ID-based SLIM); text_match = ID-agnostic text matching; "
         "dllm2rec = ranking + embedding distillation from the rationales' named items; slim+dllm2rec = both.")
     dllm2rec: DLLM2RecConfig = Field(default_factory=DLLM2RecConfig)
+    objective: Literal["prefix", "all_positions"] = Field(
+        "prefix", description="prefix = RecBole's: one row per history prefix, loss at its last position; "
+        "all_positions = the original SASRec's: one row per window of a user's training sequence, loss "
+        "at every position (same targets, one forward pass per window; SASRec/GRU4Rec with fusion "
+        "none/text/slim). batch_size counts rows of the chosen kind.")
     rationale: Literal["all", "step1", "step2", "step3"] = Field(
         "all", description="Which rationale vector fusion uses (the paper's step ablation).")
     max_staleness: int | None = Field(None, ge=0, description="A training row uses its latest checkpoint's "
@@ -112,6 +117,14 @@ class TrainConfig(_Section):
     use_gpu: bool = False
     shuffle_buffer: int = Field(20000, ge=0, description="Ray Data local shuffle buffer (rows).")
     eval_negatives: int = Field(100, ge=1, description="Negatives of the sampled protocol.")
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> "TrainConfig":
+        if self.objective == "all_positions" and (self.backbone == "SRGNN" or self.fusion not in ("none", "text", "slim")
+                                                  or self.leaky_baseline):
+            raise ValueError(f"train.objective=all_positions needs a causal backbone (SASRec, GRU4Rec) and fusion "
+                             f"none/text/slim without leaky_baseline (got {self.backbone}, {self.fusion})")
+        return self
 
 
 class TeacherConfig(_Section):

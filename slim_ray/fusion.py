@@ -8,8 +8,9 @@ ID-agnostic (`text_match`): z_i = g_t(z_i^text), s_u = g_t(s_u^text [+ mean text
   items are scored from their text alone, so items never seen in training are ranked too.
 
 Text vectors are frozen (from the backfill); every batch of a fused model carries `user_text`
-[B, T]: the vector of the rationale written at the row's latest checkpoint before its target
-(`slim_ray.prefixes`; zeros when the row has none), never one whose history holds the target.
+[B, T] (or [B, L, T], one per target position, under train.objective=all_positions): the vector of
+the rationale written at the row's latest checkpoint before its target (`slim_ray.prefixes`; zeros
+when the row has none), never one whose history holds the target.
 """
 
 from __future__ import annotations
@@ -49,11 +50,19 @@ class FusedRecommender(SequentialRecommender):
     def seq_vectors(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
         return self.backbone.seq_vectors(item_seq, item_seq_len)
 
+    def seq_outputs(self, item_seq: torch.Tensor) -> torch.Tensor:
+        return self.backbone.seq_outputs(item_seq)
+
     def user_vectors(self, batch: dict) -> torch.Tensor:
-        seq = self.seq_vectors(batch["item_seq"], batch["item_seq_len"])
+        return self._fuse(batch, self.seq_vectors(batch["item_seq"], batch["item_seq_len"]))
+
+    def position_vectors(self, batch: dict) -> torch.Tensor:
+        return self._fuse(batch, self.seq_outputs(batch["item_seq"]))  # user_text [B, L, T]: per position
+
+    def _fuse(self, batch: dict, seq: torch.Tensor) -> torch.Tensor:
         if not self.use_rationale:
             return seq
-        return self.g_f(torch.cat([self.g_l(batch["user_text"].float()), seq], dim=1))
+        return self.g_f(torch.cat([self.g_l(batch["user_text"].float()), seq], dim=-1))
 
 
 class TextMatcher(SequentialRecommender):

@@ -5,10 +5,14 @@ Every model splits into pieces that SLIM fusion (slim_ray.fusion) replaces or ex
   item_vectors()                -> [n_items, d]  representation z_i of every item (row 0 = padding)
   seq_vectors(item_seq, lens)   -> [B, d]        representation s_u^seq of each history
   user_vectors(batch)           -> [B, d]        s_u used for scoring (= seq_vectors for a backbone)
+  seq_outputs(item_seq)         -> [B, L, d]     s_u^seq after every position (causal: SASRec, GRU4Rec)
+  position_vectors(batch)       -> [B, L, d]     s_u at every position (fusion adds rationales here)
 Scores are dot products s_u . z_i; training is cross-entropy over all items.
 
-Batches are dicts of tensors: item_seq [B, L] (right-padded with 0), item_seq_len [B], pos_item [B];
-`predict` also takes candidates [B, C].
+Batches are dicts of tensors: item_seq [B, L] (right-padded with 0), item_seq_len [B], and pos_item
+[B] (objective `prefix`: RecBole's one target per history) or [B, L] (objective `all_positions`: the
+target after every position, 0 where there is none, as the original SASRec trains); `predict` also
+takes candidates [B, C].
 """
 
 from __future__ import annotations
@@ -43,13 +47,24 @@ class SequentialRecommender(nn.Module):
         """s_u of each row of a batch (fusion adds the batch's rationale vectors here)."""
         return self.seq_vectors(batch["item_seq"], batch["item_seq_len"])
 
+    def seq_outputs(self, item_seq: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no per-position outputs (train.objective=prefix)")
+
+    def position_vectors(self, batch: dict) -> torch.Tensor:
+        return self.seq_outputs(batch["item_seq"])
+
     def forward(self, batch: dict) -> torch.Tensor:
         # The loss is the module's forward so that DeepSpeed ZeRO-3 gathers parameters around it.
         return self.calculate_loss(batch)
 
     def calculate_loss(self, batch: dict) -> torch.Tensor:
+        targets = batch["pos_item"].long()
+        if targets.dim() == 2:  # all positions: one pass per window instead of one per prefix
+            has_target = targets > 0
+            logits = self.position_vectors(batch)[has_target] @ self.item_vectors().t()
+            return F.cross_entropy(logits, targets[has_target])
         logits = self.user_vectors(batch) @ self.item_vectors().t()
-        return F.cross_entropy(logits, batch["pos_item"].long())
+        return F.cross_entropy(logits, targets)
 
     def full_sort_predict(self, batch: dict) -> torch.Tensor:
         """Scores of every item id (column 0 is padding), [B, n_items]."""
@@ -143,6 +158,9 @@ class SASRec(SequentialRecommender):
             module.weight.data.fill_(1.0)
 
     def seq_vectors(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        return gather_last(self.seq_outputs(item_seq), item_seq_len)
+
+    def seq_outputs(self, item_seq: torch.Tensor) -> torch.Tensor:
         item_seq = item_seq.long()
         positions = torch.arange(item_seq.size(1), device=item_seq.device)
         x = self.item_embedding(item_seq) + self.position_embedding(positions)[None]
@@ -154,7 +172,7 @@ class SASRec(SequentialRecommender):
         mask = torch.zeros(blocked.shape, dtype=x.dtype, device=x.device).masked_fill(blocked, -10000.0)
         for layer in self.layers:
             x = layer(x, mask)
-        return gather_last(x, item_seq_len)
+        return x
 
 
 class GRU4Rec(SequentialRecommender):
@@ -170,9 +188,11 @@ class GRU4Rec(SequentialRecommender):
             nn.init.xavier_uniform_(weight)
 
     def seq_vectors(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
-        x = self.emb_dropout(self.item_embedding(item_seq.long()))
-        output, _ = self.gru(x)
-        return gather_last(self.dense(output), item_seq_len)
+        return gather_last(self.seq_outputs(item_seq), item_seq_len)
+
+    def seq_outputs(self, item_seq: torch.Tensor) -> torch.Tensor:
+        output, _ = self.gru(self.emb_dropout(self.item_embedding(item_seq.long())))
+        return self.dense(output)
 
 
 def session_graph(item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Stage `train`: a sequential backbone trained with Ray Train (DDP or DeepSpeed ZeRO 1/2/3).
 
 Pure core: `training_table` (every prefix of every training history -> next item, as RecBole does)
-and the per-epoch helpers. Ray wrapper: `run_train` builds a TorchTrainer whose workers read Ray Data
+or `training_windows` (train.objective=all_positions: windows of each training sequence with the
+target after every position, as the original SASRec trains) and the per-epoch helpers. Ray wrapper: `run_train` builds a TorchTrainer whose workers read Ray Data
 shards, select the model on validation NDCG@10 with early stopping, and report a checkpoint each
 epoch. `--resume` re-attaches to the same Ray Train run folder and continues from its latest one.
 """
@@ -62,6 +63,51 @@ def training_table(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | No
                      "user_id": np.asarray(users, dtype=np.int32)[order],
                      "target_pos": np.asarray(positions, dtype=np.int32)[order],
                      "text_row": np.asarray(text_rows, dtype=np.int64)[order]})
+
+
+def training_windows(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | None = None,
+                     index: CheckpointIndex | None = None, max_staleness: int | None = None) -> pa.Table:
+    """Objective all_positions: each user's training targets t = 1..n-3 tiled into windows of at most
+    max_len targets, newest first. A window of targets a..b reads s[a-1:b] and predicts s[t] after
+    position t-a (causal), so every training target appears once, as in `training_table`, for one
+    forward pass per window. Per position: target (0 = none), its position t (-1) and the checkpoint
+    row (`index`) whose rationale it may use, the same rule as a prefix row's."""
+    from ray.data.extensions import ArrowTensorArray
+
+    columns = {name: [] for name in ("item_seq", "pos_item", "target_pos", "text_row")}
+    lens, users = [], []
+    for user, seq in zip(sequences["user_id"], sequences["item_ids"]):
+        seq = np.asarray(seq, dtype=np.int32)
+        b = len(train_positions(len(seq)))  # the last training target position (n-3), 0 if none
+        while b >= 1:
+            a = max(1, b - max_len + 1)
+            t = np.arange(a, b + 1)
+            rows = [index.row_for(user, int(p), max_staleness) for p in t] if index is not None else [0] * len(t)
+            for name, values, dtype in (("item_seq", seq[a - 1:b], np.int32), ("pos_item", seq[a:b + 1], np.int32),
+                                        ("target_pos", t, np.int32), ("text_row", rows, np.int64)):
+                padded = np.full(max_len, -1 if name == "target_pos" else 0, dtype=dtype)
+                padded[: len(t)] = values
+                columns[name].append(padded)
+            lens.append(len(t))
+            users.append(user)
+            b = a - 1
+    order = (np.random.default_rng(shuffle_seed).permutation(len(lens)) if shuffle_seed is not None
+             else np.arange(len(lens)))
+    table = {name: ArrowTensorArray.from_numpy(np.stack(values)[order]) for name, values in columns.items()}
+    return pa.table({**table, "item_seq_len": np.asarray(lens, dtype=np.int32)[order],
+                     "user_id": np.asarray(users, dtype=np.int32)[order]})
+
+
+def target_rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user, target position, checkpoint row) of every training target of a prefix or window table."""
+    column = lambda name: np.asarray(table.column(name).combine_chunks().to_numpy_ndarray()  # noqa: E731
+                                     if isinstance(table.column(name).type, pa.ExtensionType)
+                                     else table.column(name).to_numpy())
+    users, positions, rows = column("user_id"), column("target_pos"), column("text_row")
+    if positions.ndim == 1:
+        return users, positions, rows
+    present = positions >= 0
+    return np.broadcast_to(users[:, None], positions.shape)[present], positions[present], rows[present]
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -151,7 +197,8 @@ def run_train(cfg: Config, resume: bool = False, holdout_fold: int | None = None
     name = f"train-{model_name}"
     backfill = load_backfill(cfg) if tc.fusion != "none" else None  # read once: vectors, guard, DLLM2Rec
     item_text, user_text, index = fusion_vectors(cfg, n_items, sequences, backfill)
-    table = training_table(sequences, max_len, shuffle_seed=cfg.run.seed, index=index, max_staleness=tc.max_staleness)
+    rows_of = training_windows if tc.objective == "all_positions" else training_table
+    table = rows_of(sequences, max_len, shuffle_seed=cfg.run.seed, index=index, max_staleness=tc.max_staleness)
     if tc.leaky_baseline and index is not None:  # the old design, measured beside the new one
         table = table.set_column(table.schema.get_field_index("text_row"), "text_row",
                                  pa.array(leaky_rows(index, sequences, table.column("user_id").to_numpy())))
@@ -193,7 +240,7 @@ def run_train(cfg: Config, resume: bool = False, holdout_fold: int | None = None
                 "model": tc.model, "n_items": n_items, "max_len": max_len,
                 "dllm2rec": tc.dllm2rec.model_dump() if "dllm2rec" in tc.fusion else None,
                 "best_epoch": state["best_epoch"], SELECT_METRIC: state["best"],
-                "select_masks_history": tc.select_masks_history,
+                "select_masks_history": tc.select_masks_history, "objective": tc.objective,
                 "epochs_run": last["epoch"], "history": last["history"], "strategy": tc.strategy,
                 "zero_stage": tc.zero_stage if tc.strategy == "deepspeed" else None,
                 "num_workers": tc.num_workers, "shuffle_buffer": tc.shuffle_buffer, "train_wall_s": time.perf_counter() - start}
@@ -226,8 +273,7 @@ def leak_guard(cfg: Config, sequences: pd.DataFrame, table: pa.Table, rows: pd.D
     """Refuses to train when a training row would use a rationale written from a history that holds its
     target, or whose candidates came from a model trained on the user (see prefixes.check_leak_free);
     records whether the students were cross-fitted (`leak_free` needs both). `rows`: the backfill's."""
-    report = check_leak_free(sequences, rows, table.column("user_id").to_numpy(),
-                             table.column("target_pos").to_numpy(), table.column("text_row").to_numpy(), cfg.data.folds)
+    report = check_leak_free(sequences, rows, *target_rows(table), cfg.data.folds)
     report["leak_free"] = report["violations"] == 0 and report["student_cross_fitted"]
     if report["violations"] and not cfg.train.leaky_baseline:
         raise DataError(f"leak guard: {report['violations']} training rows would see a rationale written "

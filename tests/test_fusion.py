@@ -89,3 +89,23 @@ def test_text_matching_ranks_items_never_seen_in_training():
             hits[name] = float((ranks < 8).float().mean())
     assert hits["text"] >= 0.9, hits  # a cold target ranks among its genre's items
     assert hits["id"] < 0.5, hits     # untrained ids carry no signal
+
+
+@pytest.mark.parametrize("backbone", ["SASRec", "GRU4Rec"])
+def test_all_positions_loss_is_the_prefix_loss_over_the_same_targets(backbone):
+    """One window with a target (and its own rationale vector) after every position scores exactly what
+    the prefix rows of the same targets score: the per-position outputs see nothing after their position."""
+    torch.manual_seed(0)
+    text = torch.randn(10, 8)
+    model = FusedRecommender(build_backbone(backbone, 10, 5), text, use_rationale=True).eval()
+    seq, targets, user_text = [3, 1, 4, 1, 5], [1, 4, 1, 5, 9], torch.randn(5, 8)
+    window = {"item_seq": torch.tensor([seq]), "item_seq_len": torch.tensor([5]), "pos_item": torch.tensor([targets]),
+              "user_text": user_text[None]}
+    prefixes = {"item_seq": torch.tensor([seq[:t] + [0] * (5 - t) for t in range(1, 6)]),
+                "item_seq_len": torch.arange(1, 6), "pos_item": torch.tensor(targets), "user_text": user_text}
+    assert torch.allclose(model.calculate_loss(window), model.calculate_loss(prefixes), atol=1e-5)
+    later = dict(window, item_seq=torch.tensor([seq[:3] + [7, 8]]))  # other items after position 2
+    assert torch.allclose(model.position_vectors(later)[0, :3], model.position_vectors(window)[0, :3], atol=1e-5)
+    window["pos_item"] = torch.tensor([[1, 4, 1, 0, 0]])  # 0 = no target: the loss covers the first 3
+    prefixes = {k: v[:3] for k, v in prefixes.items()}
+    assert torch.allclose(model.calculate_loss(window), model.calculate_loss(prefixes), atol=1e-5)

@@ -10,7 +10,7 @@ from slim_ray.prefixes import (
     CheckpointIndex, check_leak_free, checkpoint_rows, checkpoints, fold_of, latest_checkpoint, split_prefix,
     train_positions,
 )
-from slim_ray.train import leaky_rows, training_table
+from slim_ray.train import leaky_rows, target_rows, training_table, training_windows
 
 SEQUENCES = pd.DataFrame({"user_id": [1, 2, 3], "raw_user_id": ["a", "b", "c"],
                           "item_ids": [list(range(1, 13)), [20, 21, 22, 23], [30, 31, 32]]})
@@ -65,6 +65,27 @@ def test_max_staleness_keeps_only_rationales_written_close_enough_to_the_target(
     assert (cut_of[fresh.column("text_row").to_numpy()[used]] == fresh.column("target_pos").to_numpy()[used]).all()
     one = training_table(SEQUENCES, max_len=5, index=index, max_staleness=1)
     assert (one.column("text_row").to_numpy() > 0).sum() == 4  # adds t = 7 of user 1 (t = 10 is a valid row)
+
+
+def test_windows_hold_every_training_target_once_with_the_prefix_rows_rationale():
+    """all_positions sees the same (user, target, rationale) events as the prefix objective, each once,
+    and every input position holds the item right before its target (causal, nothing later)."""
+    rows, index, prefix = _table_and_rows()
+    for max_len in (3, 5, 50):  # user 1 has 9 training targets: 3 windows, 2 windows, 1 window
+        windows = training_windows(SEQUENCES, max_len=max_len, index=index, shuffle_seed=0)
+        events = lambda table: sorted(zip(*target_rows(table)))  # noqa: E731
+        assert events(windows) == events(prefix)
+        seqs = SEQUENCES.set_index("user_id")["item_ids"]
+        item_seq, pos_item, target_pos = (windows.column(c).combine_chunks().to_numpy_ndarray()
+                                          for c in ("item_seq", "pos_item", "target_pos"))
+        for user, inputs, targets, positions, length in zip(windows.column("user_id").to_numpy(), item_seq, pos_item,
+                                                             target_pos, windows.column("item_seq_len").to_numpy()):
+            seq = seqs[user]
+            assert (positions[:length] >= 1).all() and (positions[length:] == -1).all()
+            assert [seq[t - 1] for t in positions[:length]] == inputs[:length].tolist()
+            assert [seq[t] for t in positions[:length]] == targets[:length].tolist()
+            assert (targets[length:] == 0).all() and (inputs[length:] == 0).all()
+    assert training_windows(SEQUENCES, max_len=3).num_rows == 3 + 1 + 0  # user 3 (n = 3) has no training target
 
 
 def _audit(rows, table, text_rows=None, folds=2):

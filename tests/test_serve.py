@@ -53,6 +53,28 @@ def test_fused_model_trained_on_ray_uses_the_rationales(served_run):
     assert not torch.allclose(scores, blank)  # the rationale vector moves the scores
 
 
+def test_all_positions_slim_run_gives_each_target_its_checkpoints_rationale(served_run, tmp_path):
+    """The window objective on the same backfill: the leak guard audits every target position, and
+    the same targets get a rationale as under the prefix objective."""
+    import shutil
+
+    from slim_ray.fusion import load_trained
+    from slim_ray.train import run_train
+
+    root = tmp_path / "run"
+    for part in ("prepared", "backfill"):
+        shutil.copytree(served_run.run.output_dir / part, root / part)
+    _, prefix_meta = load_trained(served_run.model_dir())
+    cfg = served_run.model_copy(update={"run": served_run.run.model_copy(update={"output_dir": root}),
+                                        "train": served_run.train.model_copy(update={"objective": "all_positions"})})
+    meta = run_train(cfg)
+    guard, prefix_guard = meta["leak_guard"], prefix_meta["leak_guard"]
+    assert meta["objective"] == "all_positions" and guard["violations"] == 0
+    assert guard["training_rows"] == prefix_guard["training_rows"]  # targets, each once
+    assert guard["rows_with_rationale"] == prefix_guard["rows_with_rationale"] > 0
+    assert meta["history"][0]["steps"] < prefix_meta["history"][0]["steps"]
+
+
 def test_dllm2rec_on_slim_trains_on_ray_from_the_named_items(served_run, tmp_path):
     """slim+dllm2rec through Ray Train on a copy of the backfill whose step 3 names real titles."""
     import shutil

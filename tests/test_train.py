@@ -7,7 +7,7 @@ import json
 import pytest
 
 from slim_ray.config import load_config
-from slim_ray.errors import DataError
+from slim_ray.errors import ConfigError, DataError
 from slim_ray.prepare import run_prepare
 from slim_ray.train import run_evaluate, run_train, training_table
 from conftest import write_ring  # tests/ is on sys.path (pytest rootdir)
@@ -82,3 +82,17 @@ def test_evaluate_without_model_is_a_clear_error(pattern_run):
     cfg = pattern_run("nomodel")
     with pytest.raises(DataError, match="no trained model at .*run `slim-ray train` first"):
         run_evaluate(cfg)
+
+
+@pytest.mark.slow
+def test_all_positions_objective_learns_the_ring_in_one_pass_per_window(pattern_run):
+    """train.objective=all_positions: one window row per user (histories of 6-10 items fit max_len 8 at
+    most twice), loss at every position; it learns the ring as the prefix objective does."""
+    cfg = pattern_run("windows", "train.objective=all_positions", "train.backbone=GRU4Rec", "train.epochs=6",
+                      "train.batch_size=8", "train.model={}")
+    meta = run_train(cfg)
+    assert meta["objective"] == "all_positions"
+    assert meta["history"][0]["steps"] <= 60 / 8 + 2  # windows, not the ~300 prefixes
+    assert meta["valid_ndcg@10"] > 0.8
+    with pytest.raises(ConfigError, match="all_positions needs a causal backbone"):
+        pattern_run("srgnn-windows", "train.objective=all_positions", "train.backbone=SRGNN")
