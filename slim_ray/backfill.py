@@ -192,9 +192,10 @@ def run_backfill(cfg: Config) -> dict:
 
     def encode(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
         return ray.data.from_pandas(frame).map_batches(
-            EncoderActor, batch_format="pandas", batch_size=bc.encoder_batch_size * 4, concurrency=1,
-            num_cpus=threads, fn_constructor_kwargs={"encoder": bc.encoder, "threads": threads,
-                                                     "batch_size": bc.encoder_batch_size, "columns": columns},
+            EncoderActor, batch_format="pandas", batch_size=bc.encoder_batch_size * 4,
+            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=threads,
+            fn_constructor_kwargs={"encoder": bc.encoder, "threads": threads, "batch_size": bc.encoder_batch_size,
+                                   "columns": columns},
         ).to_pandas()
 
     new_rows, new_items = todo.iloc[:0], todo_items.iloc[:0]
@@ -208,8 +209,9 @@ def run_backfill(cfg: Config) -> dict:
             # actors may hold all of (2-CPU machine), and wait forever.
             blocks = [part.iloc[i:i + bc.batch_size] for i in range(0, len(part), bc.batch_size)]
             generated.append(ray.data.from_pandas(blocks).map_batches(
-                StudentActor, batch_format="pandas", batch_size=bc.batch_size, concurrency=bc.num_actors,
-                num_cpus=threads, num_gpus=bc.gpus_per_actor or None, fn_constructor_kwargs={
+                StudentActor, batch_format="pandas", batch_size=bc.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=bc.num_actors), num_cpus=threads,
+                num_gpus=bc.gpus_per_actor or None, fn_constructor_kwargs={
                     "engine": bc.engine, "model_path": path, "threads": threads,
                     "max_new_tokens": bc.max_new_tokens, "cache_dir": str((out_dir.parent / "backfill_cache").resolve()),
                     "use_gpu": bc.gpus_per_actor > 0, "kv_cache_gb": bc.vllm_kv_cache_gb},

@@ -208,7 +208,7 @@ def _run_teach(cfg: Config, num_samples: int | None) -> dict:
         def answered(part: pd.DataFrame):
             ds = ray.data.from_pandas(part).repartition(max(1, len(part) // tc.batch_size))
             return ds.map_batches(TeacherActor, batch_format="pandas", batch_size=tc.batch_size,
-                                  concurrency=tc.num_actors, num_cpus=tc.actor_cpus,
+                                  compute=ray.data.ActorPoolStrategy(size=tc.num_actors), num_cpus=tc.actor_cpus,
                                   fn_constructor_kwargs=actor_kwargs)
 
         # Users with the same history and candidates share a prompt: it is paid once, and the repeats

@@ -98,12 +98,17 @@ def training_windows(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | 
                      "user_id": np.asarray(users, dtype=np.int32)[order]})
 
 
+def column_array(table: pa.Table, name: str) -> np.ndarray:
+    """A column of a training table as numpy ([rows] or [rows, max_len] for tensor columns)."""
+    column = table.column(name)
+    if isinstance(column.type, pa.ExtensionType):
+        return np.asarray(column.combine_chunks().to_numpy_ndarray())
+    return column.to_numpy()
+
+
 def target_rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(user, target position, checkpoint row) of every training target of a prefix or window table."""
-    column = lambda name: np.asarray(table.column(name).combine_chunks().to_numpy_ndarray()  # noqa: E731
-                                     if isinstance(table.column(name).type, pa.ExtensionType)
-                                     else table.column(name).to_numpy())
-    users, positions, rows = column("user_id"), column("target_pos"), column("text_row")
+    users, positions, rows = (column_array(table, name) for name in ("user_id", "target_pos", "text_row"))
     if positions.ndim == 1:
         return users, positions, rows
     present = positions >= 0
