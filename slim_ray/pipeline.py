@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -30,6 +31,7 @@ from slim_ray.artifacts import student_dir
 from slim_ray.candidates import fold_model_name
 from slim_ray.config import Config
 from slim_ray.errors import ConfigError
+from slim_ray.ray_session import ray_session
 
 COMPARED = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr@10", "efd@10", "epc@10")
 MANIFEST = "manifest.json"
@@ -43,6 +45,7 @@ class Stage:
     sections: tuple[str, ...] = ()   # config sections whose change re-runs this stage and all later ones
     outputs: tuple[Path, ...] = ()   # must all exist for the stage to be skipped
     always: bool = False             # cheap or the point of the demo: never skipped
+    ray: bool = False                # runs Ray work: joins the pipeline's one Ray session
 
 
 def compare(base: dict, fused: dict) -> dict:
@@ -68,22 +71,23 @@ def pipeline_stages(cfg: Config, results: dict[str, dict]) -> list[Stage]:
     out = cfg.run.output_dir
     return [
         Stage("prepare", lambda: run_prepare(cfg.data, cfg.prepared_dir), ("data",), (cfg.prepared_dir,)),
-        Stage("train", lambda: run_train(cfg), ("train",), (cfg.model_dir() / "model.pt",)),
+        Stage("train", lambda: run_train(cfg), ("train",), (cfg.model_dir() / "model.pt",), ray=True),
         Stage("evaluate", lambda: run_evaluate(cfg), outputs=(out / "eval" / f"{cfg.model_name}.json",)),
         Stage("train-folds", lambda: run_train_folds(cfg), ("train",),
               tuple(cfg.model_dir(fold_model_name(cfg.train.backbone, f, cfg.data.folds)) / "model.pt"
-                    for f in range(cfg.data.folds))),
-        Stage("teach", lambda: run_teach(cfg), ("teacher",), (out / "teacher",)),
+                    for f in range(cfg.data.folds)), ray=True),
+        Stage("teach", lambda: run_teach(cfg), ("teacher",), (out / "teacher",), ray=True),
         Stage("distill", lambda: run_distill(cfg), ("distill", "data"),
-              tuple(student_dir(cfg, f) / "merged" for f in (range(cfg.data.folds) if cfg.distill.cross_fit else [None]))),
+              tuple(student_dir(cfg, f) / "merged" for f in (range(cfg.data.folds) if cfg.distill.cross_fit else [None])),
+              ray=True),
         Stage("evaluate-rationales", lambda: run_evaluate_rationales(cfg),
               outputs=(out / "student" / "rationale_quality.json",)),
-        Stage("backfill", lambda: run_backfill(cfg), ("backfill",), (out / "backfill" / "rationales.parquet",)),
-        Stage("train-slim", lambda: run_train(slim), outputs=(slim.model_dir() / "model.pt",)),
+        Stage("backfill", lambda: run_backfill(cfg), ("backfill",), (out / "backfill" / "rationales.parquet",), ray=True),
+        Stage("train-slim", lambda: run_train(slim), outputs=(slim.model_dir() / "model.pt",), ray=True),
         Stage("evaluate-slim", lambda: run_evaluate(slim), outputs=(out / "eval" / f"{slim.model_name}.json",)),
         Stage("compare", lambda: compare(results["evaluate"], results["evaluate-slim"]), always=True),
         Stage("index", lambda: build_index(slim), outputs=(slim.model_dir() / "index.json",)),
-        Stage("serve-demo", lambda: demo_requests(slim), always=True),
+        Stage("serve-demo", lambda: demo_requests(slim), always=True, ray=True),
     ]
 
 
@@ -138,31 +142,36 @@ def run_pipeline(cfg: Config, report: Callable[[str, dict], None] | None = None,
     manifest = {"config": cfg.model_dump(mode="json"), "versions": package_versions(),
                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": {}}
     chain, forced = "", False
-    for stage in stages:
-        chain = fingerprint(chain, cfg, stage)
-        forced = forced or stage.name == from_stage
-        before = previous_runs.get(stage.name, {})
-        reusable = (not forced and not stage.always and before.get("fingerprint") == chain
-                    and "result" in before and all(Path(p).exists() for p in stage.outputs))
-        if progress:
-            progress(stage.name, "skipped" if reusable else "start")
-        if reusable:
-            results[stage.name] = before["result"]
-            manifest["stages"][stage.name] = {**before, "skipped": True}
-        else:
-            start = time.perf_counter()
-            results[stage.name] = stage.run()
-            forced = forced or not stage.always  # new outputs: every later stage must run again
-            manifest["stages"][stage.name] = {
-                "fingerprint": chain, "skipped": False, "wall_s": round(time.perf_counter() - start, 2),
-                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "outputs": [str(p) for p in stage.outputs], "result": results[stage.name]}
-            # Stages not reached keep their old entries out: a later run must not trust them.
-            write_manifest(run_dir, manifest)
+    # One Ray for all stages that run (each stage's ray_session joins it); none when every stage is skipped.
+    session = None
+    with ExitStack() as ray_once:
+        for stage in stages:
+            chain = fingerprint(chain, cfg, stage)
+            forced = forced or stage.name == from_stage
+            before = previous_runs.get(stage.name, {})
+            reusable = (not forced and not stage.always and before.get("fingerprint") == chain
+                        and "result" in before and all(Path(p).exists() for p in stage.outputs))
             if progress:
-                progress(stage.name, "done")
-        if report:
-            report(stage.name, results[stage.name])
+                progress(stage.name, "skipped" if reusable else "start")
+            if reusable:
+                results[stage.name] = before["result"]
+                manifest["stages"][stage.name] = {**before, "skipped": True}
+            else:
+                if stage.ray and session is None:
+                    session = ray_once.enter_context(ray_session(cfg.ray))
+                start = time.perf_counter()
+                results[stage.name] = stage.run()
+                forced = forced or not stage.always  # new outputs: every later stage must run again
+                manifest["stages"][stage.name] = {
+                    "fingerprint": chain, "skipped": False, "wall_s": round(time.perf_counter() - start, 2),
+                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "outputs": [str(p) for p in stage.outputs], "result": results[stage.name]}
+                # Stages not reached keep their old entries out: a later run must not trust them.
+                write_manifest(run_dir, manifest)
+                if progress:
+                    progress(stage.name, "done")
+            if report:
+                report(stage.name, results[stage.name])
     manifest["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_manifest(run_dir, manifest)
     return manifest

@@ -106,3 +106,30 @@ def test_report_has_tables_and_plots_for_the_stages_that_ran(tmp_path):
     assert "Rationale quality" not in text  # that stage did not run
     for png in ("metrics.png", "curves.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stages_that_run_share_one_ray_session_started_once(tmp_path):
+    """One Ray per pipeline: each Ray stage's own ray_session joins it; nothing starts Ray when all skip."""
+    import ray
+
+    from slim_ray.ray_session import ray_session
+
+    cfg = _cfg(tmp_path, "ray.num_cpus=1", "ray.object_store_memory_mb=100")
+    seen = []
+
+    def ray_stage(name: str) -> Stage:
+        def run() -> dict:
+            with ray_session(cfg.ray) as session:  # what every stage does
+                seen.append((name, session["started_here"], ray.get_runtime_context().get_node_id()))
+            (tmp_path / f"{name}.out").write_text(name)
+            return {}
+        return Stage(name, run, outputs=(tmp_path / f"{name}.out",), ray=True)
+
+    stages = [Stage("prepare", lambda: {"ray_up": ray.is_initialized()}), ray_stage("train"), ray_stage("backfill")]
+    manifest = run_pipeline(cfg, stages=stages)
+    assert manifest["stages"]["prepare"]["result"] == {"ray_up": False}  # started lazily, for the first Ray stage
+    assert [started for _, started, _ in seen] == [False, False] and seen[0][2] == seen[1][2]
+    assert not ray.is_initialized()  # the pipeline shut down what it started
+    seen.clear()
+    run_pipeline(cfg, stages=stages)
+    assert seen == [] and not ray.is_initialized()  # everything skipped: Ray never started
