@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     parser.add_argument("--epochs", type=int, default=50, help="maximum epochs; early stopping on valid NDCG@10")
     parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--objective", choices=["prefix", "all_positions"], default="prefix",
+                        help="train.objective (bench/training.py compares them); SRGNN always trains on prefixes")
+    parser.add_argument("--window-batch", type=int, default=32, help="windows per batch under all_positions")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override; needs --tag")
     parser.add_argument("--tag", default=None, help="row suffix for --set runs, e.g. slim + --tag rw0.1 -> slim-rw0.1")
     parser.add_argument("--oracles-only", action="store_true", help="build a student-free run: only none, text and "
@@ -128,8 +131,11 @@ def main() -> None:
                 workdirs[source] = stage(args.run_dir, ROOT / "runs" / f"bench_slim_{source}", source)
             key = variant + (f"-{args.tag}" if args.tag else "")
             per_seed = {}
+            objective = "prefix" if backbone == "SRGNN" or fusion not in ("none", "text", "slim") else args.objective
+            batch = [f"train.objective={objective}"] + (
+                [f"train.batch_size={args.window_batch}"] if objective == "all_positions" else [])
             for seed in args.seeds:
-                cfg = load_config(ROOT / "configs" / "ml100k.yaml", [
+                cfg = load_config(ROOT / "configs" / "ml100k.yaml", [*batch,
                     f"run.output_dir={workdirs[source]}", f"run.seed={seed}", f"train.backbone={backbone}",
                     f"train.fusion={fusion}", f"train.epochs={args.epochs}", f"train.patience={args.patience}",
                     *overrides, *extra, *args.overrides])
@@ -142,7 +148,8 @@ def main() -> None:
                                   (source == "student" and bool(guard.get("leak_free"))),
                                   **{f"{p}/{m}": r[p].get(m, float("nan")) for p, m in COLUMNS}}
             built = json.loads((args.run_dir / "backfill" / "manifest.json").read_text())["checkpoints"]
-            setting = {"max_epochs": args.epochs, "patience": args.patience, "checkpoints": built["per_user"],
+            setting = {"max_epochs": args.epochs, "patience": args.patience, "objective": objective,
+                       "checkpoints": built["per_user"],
                        "stride": built["stride"],
                        "rationales": os.path.relpath(args.run_dir / "backfill", ROOT),
                        **({"overrides": args.overrides} if args.overrides else {})}
@@ -159,8 +166,9 @@ def main() -> None:
 
 
 def same_budget(a: dict, b: dict) -> bool:
-    """Rows compare only when trained under the same budget (max epochs, patience)."""
-    return (a["max_epochs"], a["patience"]) == (b["max_epochs"], b["patience"])
+    """Rows compare only when trained under the same budget (max epochs, patience) and objective."""
+    budget = lambda e: (e["max_epochs"], e["patience"], e.get("objective", "prefix"))  # noqa: E731
+    return budget(a) == budget(b)
 
 
 def summarize(per_seed: dict) -> dict:
@@ -211,13 +219,14 @@ def report(results: dict, signal: dict) -> None:
     summary["share_of_genre_oracle_lift"] = {bb: summary["slim_over_base_ndcg10"][bb] / g
                                              for bb, g in genre.items() if bb in summary["slim_over_base_ndcg10"] and g}
     summary["signal"] = signal
-    lines = ["| backbone | variant | rationales | seeds | epochs run | " + " | ".join(f"{p} {m.upper()}" for p, m in COLUMNS) + " |",
-             "|---|---|---|---|---|" + "---|" * len(COLUMNS)]
+    lines = ["| backbone | variant | objective | rationales | seeds | epochs run | " + " | ".join(f"{p} {m.upper()}" for p, m in COLUMNS) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(COLUMNS)]
     for backbone, variants in results.items():
         for variant, e in sorted(variants.items(), key=lambda kv: (ORDER.index(kv[0].split("-")[0]), kv[0])):
             cells = [f"{e[f'{p}/{m}']['mean']:.4f} ± {e[f'{p}/{m}']['std']:.4f}" for p, m in COLUMNS]
             epochs = "/".join(str(v["epochs_run"]) for v in e["per_seed"].values())
-            lines.append(f"| {backbone} | {variant} | {design(e)} | {len(e['seeds'])} | {epochs} | " + " | ".join(cells) + " |")
+            lines.append(f"| {backbone} | {variant} | {e.get('objective', 'prefix')} | {design(e)} | {len(e['seeds'])} | "
+                         f"{epochs} | " + " | ".join(cells) + " |")
     if signal:
         notes.append("Signal audit (bench/signal_audit.py, test checkpoints): " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in signal.items() if not isinstance(v, dict)) + ".")
