@@ -25,6 +25,7 @@ from slim_ray.config import Config, load_config
 from slim_ray.serve import IndexCore, RecommenderCore, RequestError, StudentCore, recommend
 
 MAX_BODY_BYTES = 64 * 1024
+DEMO_APP = "slim-demo"  # the pipeline's demo: never the name or route of a production app
 MAX_HISTORY = 1000
 
 
@@ -173,17 +174,32 @@ def build_app(args: dict):
 
 
 @contextmanager
-def serving(cfg: Config, port: int = 8000, student: bool = True, engine: str = "hf") -> Iterator[str]:
-    """Local Ray + Serve on 127.0.0.1:port with the app deployed; everything shut down afterwards."""
+def serving(cfg: Config, port: int = 8000, student: bool = True, engine: str = "hf", name: str = "slim",
+            route_prefix: str = "/") -> Iterator[str]:
+    """The app deployed as `name` at `route_prefix`; yields its base URL. Starts Ray and Serve (HTTP on
+    127.0.0.1:port) only where none runs, else deploys beside the running applications on their proxy.
+    Afterwards it deletes its own application and shuts down only what it started, when nothing else runs."""
     from slim_ray.ray_session import ray_session
 
     with ray_session(cfg.ray):
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        running_port = serve_http_port()
+        if running_port is None:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
-            serve.run(application(cfg, student, engine), name="slim", route_prefix="/")
-            yield f"http://127.0.0.1:{port}"
+            serve.run(application(cfg, student, engine), name=name, route_prefix=route_prefix)
+            yield f"http://127.0.0.1:{running_port or port}{route_prefix.rstrip('/')}"
         finally:
-            serve.shutdown()
+            serve.delete(name)
+            if running_port is None and not serve.status().applications:
+                serve.shutdown()
+
+
+def serve_http_port() -> Optional[int]:
+    """HTTP port of the Serve instance running on this Ray cluster, or None when there is none."""
+    from ray.serve.context import _get_global_client  # the public API does not expose the proxy's port
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else int(client.get_serve_details()["http_options"]["port"])
 
 
 def free_port() -> int:
@@ -209,7 +225,7 @@ def demo_requests(cfg: Config, port: int | None = None) -> dict:
     requests = {"known user": {"user_id": user, "k": 5},
                 "raw history": {"history": history, "k": 5},
                 "bad request (k out of range)": {"user_id": user, "k": 0}}
-    with serving(cfg, port=port) as url:
+    with serving(cfg, port=port, name=DEMO_APP, route_prefix=f"/{DEMO_APP}") as url:  # its own lane
         with httpx.Client(base_url=url, timeout=120) as client:
             return {name: {"request": body, "status": (r := client.post("/v1/recommend", json=body)).status_code,
                            "response": r.json()} for name, body in requests.items()}

@@ -224,3 +224,30 @@ def test_serve_app_endpoints_bad_requests_and_index_swap(served_run):
         metrics = client.get("/metrics").text
         assert 'slim_requests_total{route="/v1/recommend",status="200"}' in metrics
         assert client.get("/healthz").status_code == 200  # still serving after every bad request
+
+
+def test_serve_demo_runs_in_its_own_lane_beside_another_application(served_run):
+    """The pipeline's serve-demo stage on a cluster that already serves an app: it deploys under its own
+    name and route on the running proxy, then removes only itself; Serve and the other app keep running."""
+    import httpx
+    from ray import serve
+
+    from slim_ray.ray_session import ray_session
+    from slim_ray.serve_app import DEMO_APP, demo_requests, free_port
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Production:
+        def __call__(self, request) -> str:
+            return "production"
+
+    port = free_port()
+    with ray_session(served_run.ray):
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            serve.run(Production.bind(), name="slim", route_prefix="/")  # the name the demo used to take
+            demo = demo_requests(served_run)
+            assert demo["known user"]["status"] == 200 and demo["bad request (k out of range)"]["status"] == 422
+            assert set(serve.status().applications) == {"slim"} and DEMO_APP != "slim"
+            assert httpx.get(f"http://127.0.0.1:{port}/").text == "production"
+        finally:
+            serve.shutdown()
