@@ -155,6 +155,8 @@ class TeacherConfig(_Section):
     backoff_max_s: float = Field(60.0, ge=0)
     requests_per_min: float | None = Field(None, gt=0, description="Shared by all actors.")
     tokens_per_min: float | None = Field(None, gt=0, description="Shared by all actors.")
+    rate_burst_s: float = Field(1.0, gt=0, description="Rate limits are token buckets holding this many "
+                                "seconds of their rate: up to that much goes out at once, the rest at the rate.")
     num_actors: int = Field(1, ge=1, description="Ray Data actors calling the API.")
     concurrency: int = Field(1, ge=1, description="Requests in flight per actor.")
     actor_cpus: float = Field(0.25, gt=0, description="CPUs reserved per actor (it mostly waits).")

@@ -62,28 +62,31 @@ class ResponseCache:
 
 
 class TokenBucketLimiter:
-    """Requests/min and tokens/min limits. `reserve` returns how long the caller must wait.
+    """Requests/min and tokens/min limits as token buckets: each refills at its rate up to `burst_s`
+    seconds of it, so up to that much work goes out at once and the rest at the rate. `reserve` takes
+    what a request needs (a bucket may go into debt: later callers wait it out) and returns how long
+    the caller must wait. Used inside one process, or as a Ray actor shared by all actors."""
 
-    Used directly inside one process, or wrapped as a Ray actor to be shared by all actors.
-    """
-
-    def __init__(self, requests_per_min: float | None, tokens_per_min: float | None):
-        self.rpm, self.tpm = requests_per_min, tokens_per_min
-        self.next_request_at = 0.0
-        self.tokens_free_at = 0.0
+    def __init__(self, requests_per_min: float | None, tokens_per_min: float | None, burst_s: float = 1.0):
+        self.buckets = [_Bucket(rate / 60.0, burst_s) if rate else None for rate in (requests_per_min, tokens_per_min)]
         self.lock = threading.Lock()
 
     def reserve(self, tokens: int) -> float:
         with self.lock:
             now = time.monotonic()
-            start = now
-            if self.rpm:
-                start = max(start, self.next_request_at)
-                self.next_request_at = start + 60.0 / self.rpm
-            if self.tpm:
-                start = max(start, self.tokens_free_at)
-                self.tokens_free_at = start + 60.0 * tokens / self.tpm
-            return start - now
+            waits = [bucket.take(amount, now) for bucket, amount in zip(self.buckets, (1, tokens)) if bucket]
+            return max(waits, default=0.0)
+
+
+class _Bucket:
+    def __init__(self, per_s: float, burst_s: float):
+        self.per_s, self.capacity = per_s, max(1.0, per_s * burst_s)
+        self.level, self.at = self.capacity, time.monotonic()
+
+    def take(self, amount: float, now: float) -> float:
+        self.level = min(self.capacity, self.level + (now - self.at) * self.per_s)
+        self.at, self.level = now, self.level - amount
+        return max(0.0, -self.level / self.per_s)
 
 
 def resolve_api_key(env_var: str, base_url: str) -> str:

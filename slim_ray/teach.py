@@ -200,7 +200,8 @@ def _run_teach(cfg: Config, num_samples: int | None) -> dict:
     with ray_session(cfg.ray):
         limiter = None
         if tc.requests_per_min or tc.tokens_per_min:
-            limiter = ray.remote(num_cpus=0)(TokenBucketLimiter).remote(tc.requests_per_min, tc.tokens_per_min)
+            limiter = ray.remote(num_cpus=0)(TokenBucketLimiter).remote(tc.requests_per_min, tc.tokens_per_min,
+                                                                          tc.rate_burst_s)
         actor_kwargs = {"teacher": tc.model_dump(mode="json"), "cache_dir": str(cache_dir),
                         "item_ids": items["item_id"].tolist(), "titles": items["title"].tolist(),
                         "vocabulary": aspect_vocabulary(items), "limiter": limiter}

@@ -72,14 +72,16 @@ def test_cache_hit_sends_nothing(tmp_path):
     assert again.from_cache and again.attempts == 0 and again.text == first.text
 
 
-def test_token_bucket_spaces_requests():
-    limiter = TokenBucketLimiter(requests_per_min=600, tokens_per_min=None)  # one per 0.1 s
-    waits = [limiter.reserve(10) for _ in range(4)]
-    assert waits[0] == pytest.approx(0, abs=0.01)
-    assert waits[3] == pytest.approx(0.3, abs=0.02)
-    tokens = TokenBucketLimiter(None, tokens_per_min=6000)  # 100 tokens per second
-    assert tokens.reserve(50) == pytest.approx(0, abs=0.01)
-    assert tokens.reserve(50) == pytest.approx(0.5, abs=0.02)
+def test_token_bucket_lets_a_burst_through_then_spaces_requests_at_the_rate():
+    limiter = TokenBucketLimiter(requests_per_min=600, tokens_per_min=None, burst_s=0.5)  # 10/s, bucket of 5
+    waits = [limiter.reserve(10) for _ in range(8)]
+    assert waits[:5] == pytest.approx([0] * 5, abs=0.01)  # a burst of 5 goes out at once
+    assert waits[5:] == pytest.approx([0.1, 0.2, 0.3], abs=0.02)  # then one per 0.1 s
+    tokens = TokenBucketLimiter(None, tokens_per_min=6000, burst_s=1.0)  # 100 tokens per second, bucket of 100
+    assert tokens.reserve(80) == pytest.approx(0, abs=0.01)
+    assert tokens.reserve(70) == pytest.approx(0.5, abs=0.02)  # 20 left: 50 tokens of debt
+    both = TokenBucketLimiter(requests_per_min=60, tokens_per_min=6000, burst_s=1.0)  # the slower bucket rules
+    assert both.reserve(10) == pytest.approx(0, abs=0.01) and both.reserve(10) == pytest.approx(1.0, abs=0.02)
 
 
 def _teach_overrides(root: Path, server: FaultServer, name: str) -> list[str]:
