@@ -31,7 +31,8 @@ from slim_ray.config import load_config  # noqa: E402
 from slim_ray.datasets import packaged_ml100k_dir  # noqa: E402
 from slim_ray.evaluation import evaluate  # noqa: E402
 from slim_ray.fusion import build_model  # noqa: E402
-from slim_ray.prepare import load_prepared, run_prepare  # noqa: E402
+from slim_ray.prepare import run_prepare  # noqa: E402
+from slim_ray.storage import load_prepared  # noqa: E402
 from slim_ray.train import SELECT_METRIC, run_evaluate, run_train, training_table  # noqa: E402
 
 RECBOLE_PY = ROOT / ".bench-venv-recbole" / "bin" / "python"

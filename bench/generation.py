@@ -32,7 +32,8 @@ def prompts(n: int) -> list[list[dict]]:
     from slim_ray.candidates import checkpoint_candidates
     from slim_ray.config import BackfillConfig, load_config
     from slim_ray.prefixes import checkpoint_rows
-    from slim_ray.prepare import load_prepared, run_prepare
+    from slim_ray.prepare import run_prepare
+    from slim_ray.storage import load_prepared
 
     cfg = load_config(ROOT / "configs" / "ml100k.yaml", [f"run.output_dir={ROOT / 'runs' / 'bench_generation'}",
                                                          "teacher.candidates=popular"])

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, publish  # noqa: E402
 
 from slim_ray.config import load_config  # noqa: E402
-from slim_ray.prepare import load_prepared  # noqa: E402
+from slim_ray.storage import load_prepared  # noqa: E402
 
 
 async def load(url: str, bodies: list[dict], concurrency: int, seconds: float | None, limit: int | None) -> dict:

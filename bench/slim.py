@@ -287,7 +287,8 @@ def build_oracle_run(run_dir: Path, overrides: list[str]) -> None:
 
     from slim_ray.backfill import DEFAULT_ENCODER, load_encoder
     from slim_ray.prefixes import checkpoint_rows
-    from slim_ray.prepare import load_prepared, run_prepare
+    from slim_ray.prepare import run_prepare
+    from slim_ray.storage import load_prepared
 
     cfg = load_config(ROOT / "configs" / "ml100k.yaml", [f"run.output_dir={run_dir}", *overrides])
     if (run_dir / "backfill" / "manifest.json").is_file():

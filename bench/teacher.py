@@ -63,7 +63,7 @@ def cached_prefix(cfg) -> int:
     re-exports exactly that prefix (the sample's first N users are a smaller sample's users)."""
     from slim_ray.candidates import checkpoint_candidates
     from slim_ray.llm_api import ResponseCache
-    from slim_ray.prepare import load_prepared
+    from slim_ray.storage import load_prepared
     from slim_ray.teach import build_requests, teach_checkpoints
 
     items, sequences, stats = load_prepared(cfg.prepared_dir)
@@ -99,7 +99,7 @@ def local_run(workdir: Path, samples: int, cache_dir: Path | None, candidates: s
 
 
 def teacher_popularity_hit5(rows, workdir: Path) -> float:
-    from slim_ray.prepare import load_prepared
+    from slim_ray.storage import load_prepared
 
     items, sequences, _ = load_prepared(workdir / "local" / "prepared")
     n_folds = load_config(ROOT / "configs" / "ml100k.yaml").data.folds

@@ -29,7 +29,8 @@ from _report import ROOT, matmul_peak_gflops, publish  # noqa: E402
 
 from slim_ray.config import load_config  # noqa: E402
 from slim_ray.fusion import build_model  # noqa: E402
-from slim_ray.prepare import load_prepared, run_prepare  # noqa: E402
+from slim_ray.prepare import run_prepare  # noqa: E402
+from slim_ray.storage import load_prepared  # noqa: E402
 from slim_ray.train import SELECT_METRIC, column_array, run_evaluate, run_train, training_table, training_windows  # noqa: E402
 
 OBJECTIVES = {"SASRec": ("prefix", "all_positions"), "GRU4Rec": ("prefix", "all_positions"), "SRGNN": ("prefix",)}

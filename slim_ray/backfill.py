@@ -31,8 +31,8 @@ from slim_ray.candidates import checkpoint_candidates
 from slim_ray.config import BackfillConfig, Config
 from slim_ray.llm_api import ResponseCache
 from slim_ray.prefixes import checkpoint_rows, fold_of
-from slim_ray.prepare import load_prepared, write_atomic_dir
 from slim_ray.prompts import parse_rationale, prompt_hash, student_messages
+from slim_ray.storage import load_prepared, write_atomic_dir
 
 DEFAULT_ENCODER = "all-minilm-l6-v2"
 TEXT_COLUMNS = {"embedding": "rationale", "step1_embedding": "step1", "step2_embedding": "step2",

@@ -27,7 +27,7 @@ from slim_ray.config import Config, DistillConfig
 from slim_ray.distributed import Engine, early_stopping, report_epoch, restore_state, worker_env
 from slim_ray.errors import DataError
 from slim_ray.prefixes import fold_of
-from slim_ray.prepare import write_atomic_dir
+from slim_ray.storage import write_atomic_dir
 from slim_ray.student import ensure_student_base
 
 IGNORE = -100

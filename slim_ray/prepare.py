@@ -10,22 +10,17 @@ Output (all or nothing: written to a temp dir, then renamed into place):
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from slim_ray.config import DataConfig
 from slim_ray.datasets import RawDataset, load_raw
 from slim_ray.errors import DataError
 from slim_ray.prefixes import split_prefix
+from slim_ray.storage import write_prepared
 
-PREPARED_FILES = ("items.parquet", "sequences.parquet", "stats.json")
 
 
 def filter_interactions(inter: pd.DataFrame, rating_threshold: float | None, kcore: int,
@@ -130,59 +125,7 @@ def prepare_dataset(raw: RawDataset, cfg: DataConfig) -> tuple[pd.DataFrame, pd.
     return items, sequences, stats
 
 
-_SCHEMAS = {
-    "items": pa.schema([("item_id", pa.int32()), ("raw_id", pa.string()), ("title", pa.string()),
-                        ("categories", pa.list_(pa.string())), ("brand", pa.string()),
-                        ("year", pa.string()), ("text", pa.string())]),
-    "sequences": pa.schema([("user_id", pa.int32()), ("raw_user_id", pa.string()),
-                            ("item_ids", pa.list_(pa.int32())), ("timestamps", pa.list_(pa.int64())),
-                            ("train_item_ids", pa.list_(pa.int32())),
-                            ("valid_history", pa.list_(pa.int32())), ("valid_target", pa.int32()),
-                            ("test_history", pa.list_(pa.int32())), ("test_target", pa.int32())]),
-}
-
-
-def write_atomic_dir(target: Path, write) -> None:
-    """Call write(tmp_dir), then swap tmp_dir into `target`; a failure leaves `target` untouched."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_prepared(out_dir: Path, items: pd.DataFrame, sequences: pd.DataFrame, stats: dict) -> None:
-    def write(tmp: Path) -> None:
-        pq.write_table(pa.Table.from_pandas(items, schema=_SCHEMAS["items"], preserve_index=False),
-                       tmp / "items.parquet")
-        pq.write_table(pa.Table.from_pandas(sequences, schema=_SCHEMAS["sequences"],
-                                            preserve_index=False), tmp / "sequences.parquet")
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-    write_atomic_dir(out_dir, write)
-
-
 def run_prepare(cfg: DataConfig, out_dir: Path) -> dict:
     items, sequences, stats = prepare_dataset(load_raw(cfg), cfg)
     write_prepared(out_dir, items, sequences, stats)
     return stats
-
-
-def load_prepared(out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    out_dir = Path(out_dir)
-    for name in PREPARED_FILES:
-        if not (out_dir / name).is_file():
-            raise DataError(f"prepared dataset incomplete: {out_dir / name} is missing "
-                            "(run `slim-ray prepare` first)")
-    return (pd.read_parquet(out_dir / "items.parquet"), pd.read_parquet(out_dir / "sequences.parquet"),
-            json.loads((out_dir / "stats.json").read_text()))

@@ -53,7 +53,7 @@ def heldout_rows(cfg: Config, rows: pd.DataFrame) -> list[tuple[str, dict, pd.Da
 
 def run_evaluate_rationales(cfg: Config) -> dict:
     from slim_ray.distill import load_teacher_rows
-    from slim_ray.prepare import load_prepared
+    from slim_ray.storage import load_prepared
     from slim_ray.student import HFGenerator
     from slim_ray.teach import aspect_vocabulary
 

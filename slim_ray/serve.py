@@ -23,7 +23,7 @@ import torch
 
 from slim_ray.config import Config
 from slim_ray.errors import DataError
-from slim_ray.prepare import load_prepared
+from slim_ray.storage import load_prepared
 
 INDEX_TABLE = "item_index"
 

@@ -216,7 +216,7 @@ def demo_requests(cfg: Config, port: int | None = None) -> dict:
 
     port = port or free_port()  # 8000 may be taken on a shared machine
 
-    from slim_ray.prepare import load_prepared
+    from slim_ray.storage import load_prepared
 
     items, sequences, _ = load_prepared(cfg.prepared_dir)
     raw_id = dict(zip(items["item_id"], items["raw_id"].astype(str)))

@@ -27,10 +27,10 @@ from slim_ray.config import Config, TeacherConfig
 from slim_ray.errors import DataError
 from slim_ray.llm_api import ChatCaller, ResponseCache, TokenBucketLimiter, resolve_api_key
 from slim_ray.prefixes import checkpoint_rows
-from slim_ray.prepare import load_prepared, write_atomic_dir
 from slim_ray.prompts import (
     PROMPT_VERSION, TitleIndex, named_aspects, prompt_hash, student_messages, teacher_messages, validate,
 )
+from slim_ray.storage import load_prepared, write_atomic_dir
 
 _LIST_INT, _LIST_STR = pa.list_(pa.int32()), pa.list_(pa.string())
 OUTPUT_SCHEMA = pa.schema([

@@ -27,7 +27,7 @@ from slim_ray.errors import DataError
 from slim_ray.evaluation import evaluate
 from slim_ray.fusion import build_model, load_trained
 from slim_ray.prefixes import CheckpointIndex, check_leak_free, fold_of, train_positions
-from slim_ray.prepare import load_prepared, write_atomic_dir
+from slim_ray.storage import load_prepared, write_atomic_dir
 
 SELECT_METRIC = "valid_ndcg@10"
 

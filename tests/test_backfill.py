@@ -18,7 +18,8 @@ from slim_ray.artifacts import load_backfill, student_dir
 from slim_ray.backfill import backfill_requests, run_backfill
 from slim_ray.config import BackfillConfig, load_config
 from slim_ray.prefixes import CheckpointIndex, check_leak_free, checkpoint_rows
-from slim_ray.prepare import load_prepared, run_prepare
+from slim_ray.prepare import run_prepare
+from slim_ray.storage import load_prepared
 from slim_ray.train import training_table
 
 SEQUENCES = pd.DataFrame([

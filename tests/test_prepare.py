@@ -9,7 +9,8 @@ import pytest
 from slim_ray.config import DataConfig
 from slim_ray.datasets import load_raw
 from slim_ray.errors import DataError
-from slim_ray.prepare import filter_interactions, load_prepared, prepare_dataset, run_prepare
+from slim_ray.prepare import filter_interactions, prepare_dataset, run_prepare
+from slim_ray.storage import load_prepared
 
 FORMATS = ["recbole", "amazon2014", "amazon2018", "amazon2023"]
 
@@ -144,7 +145,8 @@ def test_empty_after_filtering_writes_nothing(recbole_files, tmp_path):
     with pytest.raises(DataError, match=r"no interactions left after filtering .*data.kcore=3"):
         run_prepare(_cfg("recbole", recbole_files, kcore=3), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old output intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", "toy.inter", "toy.item"])
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".out.v-")) == ["out", "toy.inter", "toy.item"]
+    assert len(list(tmp_path.glob(".out.v-*"))) == 1  # the published version only: no half-written one left
 
 
 def test_rating_threshold_without_ratings_is_an_error(recbole_files):
@@ -153,3 +155,43 @@ def test_rating_threshold_without_ratings_is_an_error(recbole_files):
     with pytest.raises(DataError, match="no rating field"):
         cfg = _cfg("recbole", (inter, item), rating_threshold=3)
         prepare_dataset(load_raw(cfg), cfg)
+
+
+def test_atomic_folder_swap_never_shows_readers_a_missing_or_partial_folder(tmp_path):
+    """write_atomic_dir flips a symlink: a reader polling during 100 publishes always finds the folder
+    with complete files (two renames had a window with no folder); a failed write leaves the last
+    version; old versions are cleaned up; a plain folder from before is replaced the same way."""
+    import threading
+
+    from slim_ray.storage import write_atomic_dir
+
+    target = tmp_path / "model"
+    target.mkdir()  # a folder written before symlinks
+    (target / "a.txt").write_text("0" * 1000)
+    errors, done = [], threading.Event()
+
+    def reader():
+        while not done.is_set():
+            try:
+                text = (target / "a.txt").read_text()
+                if len(text) != 1000 or len(set(text)) != 1:
+                    errors.append(f"partial: {text[:10]}...")
+            except OSError as error:
+                errors.append(repr(error))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for version in range(1, 101):
+        write_atomic_dir(target, lambda folder: (folder / "a.txt").write_text(str(version % 10) * 1000))
+    done.set()
+    thread.join()
+    assert errors == [] and (target / "a.txt").read_text() == "0" * 1000 and target.is_symlink()
+
+    def crash(folder):
+        (folder / "a.txt").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_atomic_dir(target, crash)
+    assert (target / "a.txt").read_text() == "0" * 1000
+    assert len(list(tmp_path.glob(".model.v-*"))) == 2  # the current version and the one before it

@@ -35,7 +35,7 @@ def test_fused_model_trained_on_ray_uses_the_rationales(served_run):
     import torch
 
     from slim_ray.evaluation import split_arrays
-    from slim_ray.prepare import load_prepared
+    from slim_ray.storage import load_prepared
     from slim_ray.artifacts import fusion_vectors
     from slim_ray.fusion import load_trained
     from slim_ray.train import run_evaluate
@@ -82,7 +82,7 @@ def test_dllm2rec_on_slim_trains_on_ray_from_the_named_items(served_run, tmp_pat
     import pandas as pd
 
     from slim_ray.dllm2rec import DLLM2Rec, distill_targets
-    from slim_ray.prepare import load_prepared
+    from slim_ray.storage import load_prepared
     from slim_ray.fusion import load_trained
     from slim_ray.train import run_evaluate, run_train
 

@@ -18,7 +18,8 @@ from slim_ray.errors import DataError
 from slim_ray.fault_server import FaultServer
 from slim_ray.llm_api import ChatCaller, ResponseCache, TokenBucketLimiter
 from slim_ray.models import build_backbone
-from slim_ray.prepare import load_prepared, run_prepare
+from slim_ray.prepare import run_prepare
+from slim_ray.storage import load_prepared
 from slim_ray.candidates import checkpoint_candidates, fold_model_name, top_unseen
 from slim_ray.teach import build_requests, load_rationales, run_teach, teach_checkpoints
 
