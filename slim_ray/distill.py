@@ -27,27 +27,11 @@ from slim_ray.config import Config, DistillConfig
 from slim_ray.distributed import Engine, early_stopping, report_epoch, restore_state, worker_env
 from slim_ray.errors import DataError
 from slim_ray.prefixes import fold_of
-from slim_ray.storage import write_atomic_dir
+from slim_ray.storage import load_teacher_rows, write_atomic_dir
 from slim_ray.student import ensure_student_base
 
 IGNORE = -100
 
-
-def load_teacher_rows(cfg: Config) -> pd.DataFrame:
-    from slim_ray.teach import load_rationales
-
-    source = cfg.distill.rationales or cfg.run.output_dir / "teacher"
-    source = Path(source)
-    if source.is_file():
-        rows = pd.read_parquet(source)
-    elif source.is_dir():
-        rows = load_rationales(source)
-    else:
-        raise DataError(f"distill.rationales: {source} not found (run `slim-ray teach` first)")
-    for column in ("user_id", "student_messages", "rationale", "parsed"):
-        if column not in rows.columns:
-            raise DataError(f"distill.rationales: {source} lacks column {column!r}")
-    return rows
 
 
 def split_users(rows: pd.DataFrame, valid_fraction: float, seed: int, only_parsed: bool) -> tuple[pd.DataFrame, pd.DataFrame]:

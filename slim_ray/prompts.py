@@ -15,6 +15,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
+import pandas as pd
+
 PROMPT_VERSION = "v3"
 
 _DOMAIN = {
@@ -214,3 +216,9 @@ def validate(text: str, index: TitleIndex, history_ids: set[int], candidate_ids:
                                     ("off_list", grounding["off_list"] > 0),
                                     ("no_items", grounding["named"] == 0)) if bad]
     return {"steps": parsed.steps, "parsed": parsed.parsed, "flags": flags, **grounding}
+
+
+def aspect_vocabulary(items: pd.DataFrame, limit: int = 30) -> list[str]:
+    """Genres/categories by frequency; shown in the prompt only when the vocabulary is small."""
+    counts = pd.Series([c for cats in items["categories"] for c in cats if c != "unknown"]).value_counts()
+    return sorted(counts.index.tolist()) if 0 < len(counts) <= limit else []

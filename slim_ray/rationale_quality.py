@@ -20,7 +20,7 @@ import pandas as pd
 from slim_ray.artifacts import student_dir
 from slim_ray.config import Config
 from slim_ray.prefixes import fold_of
-from slim_ray.prompts import TitleIndex, named_aspects, validate
+from slim_ray.prompts import TitleIndex, aspect_vocabulary, named_aspects, validate
 
 
 def score_rationales(texts: list[str], histories: list[list[int]], next_categories: list[list[str]],
@@ -52,10 +52,8 @@ def heldout_rows(cfg: Config, rows: pd.DataFrame) -> list[tuple[str, dict, pd.Da
 
 
 def run_evaluate_rationales(cfg: Config) -> dict:
-    from slim_ray.distill import load_teacher_rows
-    from slim_ray.storage import load_prepared
+    from slim_ray.storage import load_prepared, load_teacher_rows
     from slim_ray.student import HFGenerator
-    from slim_ray.teach import aspect_vocabulary
 
     items, _, _ = load_prepared(cfg.prepared_dir)
     rows = load_teacher_rows(cfg)

@@ -43,7 +43,7 @@ def build_index(cfg: Config) -> dict:
     import lancedb
     from lancedb.index import IvfHnswSq
 
-    from slim_ray.backfill import vectors_table
+    from slim_ray.storage import vectors_table
     from slim_ray.fusion import load_trained
 
     if not (cfg.model_dir() / "model.pt").is_file():
@@ -175,7 +175,8 @@ def cached_rationales(cfg: Config) -> dict[int, dict]:
 class StudentCore:
     def __init__(self, cfg: Config, engine: str = "hf"):
         from slim_ray.artifacts import student_paths
-        from slim_ray.backfill import load_encoder, model_version
+        from slim_ray.storage import model_version
+        from slim_ray.text_encoder import load_encoder
         from slim_ray.student import make_generator
 
         path = next(iter(student_paths(cfg).values()))  # a new history is in no fold: any student serves it

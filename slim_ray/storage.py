@@ -1,4 +1,5 @@
-"""Run-folder storage every stage shares: atomic folder publishing and the prepared dataset's format.
+"""Run-folder storage every stage shares: atomic folder publishing, the prepared dataset's format, the
+teacher output's reader, model-folder content versions and LanceDB vector tables.
 
 `write_atomic_dir(target, write)` publishes a folder all at once: the content is written into a new
 version folder next to it and `target` is a symlink flipped to it with one rename (os.replace), so a
@@ -8,6 +9,7 @@ is kept until the next publish (a reader still inside it can finish), older ones
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,10 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from slim_ray.config import Config
 from slim_ray.errors import DataError
 
 PREPARED_FILES = ("items.parquet", "sequences.parquet", "stats.json")
@@ -79,3 +83,54 @@ def load_prepared(out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
                             "(run `slim-ray prepare` first)")
     return (pd.read_parquet(out_dir / "items.parquet"), pd.read_parquet(out_dir / "sequences.parquet"),
             json.loads((out_dir / "stats.json").read_text()))
+
+
+def load_rationales(out_dir: Path) -> pd.DataFrame:
+    """The teach stage's output: RUN_DIR/teacher/shards/*.parquet, one row per (user, checkpoint)."""
+    shards = sorted(Path(out_dir, "shards").glob("*.parquet"))
+    if not shards:
+        raise DataError(f"no teacher rationales under {out_dir} (run `slim-ray teach` first)")
+    return pd.concat([pd.read_parquet(p) for p in shards], ignore_index=True).sort_values("user_id")
+
+
+def load_teacher_rows(cfg: Config) -> pd.DataFrame:
+    """What distillation learns from: distill.rationales (a Parquet file or a teach output folder) or
+    this run's own teacher output."""
+    source = cfg.distill.rationales or cfg.run.output_dir / "teacher"
+    source = Path(source)
+    if source.is_file():
+        rows = pd.read_parquet(source)
+    elif source.is_dir():
+        rows = load_rationales(source)
+    else:
+        raise DataError(f"distill.rationales: {source} not found (run `slim-ray teach` first)")
+    for column in ("user_id", "student_messages", "rationale", "parsed"):
+        if column not in rows.columns:
+            raise DataError(f"distill.rationales: {source} lacks column {column!r}")
+    return rows
+
+
+def model_version(path: str) -> str:
+    """Content hash of a local model folder (weights + config); a hub id stands for itself."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    digest = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.suffix in {".safetensors", ".bin", ".json"} and file.is_file():
+            digest.update(file.name.encode())
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def vectors_table(frame: pd.DataFrame, keep: list[str], vector_columns: list[str]) -> pa.Table:
+    """`keep` columns plus each vector column as fixed-size float32 lists (LanceDB's vector type);
+    `embedding` is stored as `vector`, the column LanceDB searches by default."""
+    table = pa.Table.from_pandas(frame[keep], preserve_index=False)
+    for column in vector_columns:
+        matrix = np.stack(frame[column].to_numpy()).astype(np.float32)
+        values = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
+        table = table.append_column("vector" if column == "embedding" else column, values)
+    return table

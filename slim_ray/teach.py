@@ -28,9 +28,10 @@ from slim_ray.errors import DataError
 from slim_ray.llm_api import ChatCaller, ResponseCache, TokenBucketLimiter, resolve_api_key
 from slim_ray.prefixes import checkpoint_rows
 from slim_ray.prompts import (
-    PROMPT_VERSION, TitleIndex, named_aspects, prompt_hash, student_messages, teacher_messages, validate,
+    PROMPT_VERSION, TitleIndex, aspect_vocabulary, named_aspects, prompt_hash, student_messages, teacher_messages,
+    validate,
 )
-from slim_ray.storage import load_prepared, write_atomic_dir
+from slim_ray.storage import load_prepared, load_rationales, write_atomic_dir
 
 _LIST_INT, _LIST_STR = pa.list_(pa.int32()), pa.list_(pa.string())
 OUTPUT_SCHEMA = pa.schema([
@@ -46,12 +47,6 @@ OUTPUT_SCHEMA = pa.schema([
     ("retries", pa.int32()), ("retry_reasons", _LIST_STR), ("error", pa.string()),
     ("error_detail", pa.string()), ("from_cache", pa.bool_()), ("latency_s", pa.float64()),
 ])
-
-
-def aspect_vocabulary(items: pd.DataFrame, limit: int = 30) -> list[str]:
-    """Genres/categories by frequency; shown in the prompt only when the vocabulary is small."""
-    counts = pd.Series([c for cats in items["categories"] for c in cats if c != "unknown"]).value_counts()
-    return sorted(counts.index.tolist()) if 0 < len(counts) <= limit else []
 
 
 def teach_checkpoints(sequences: pd.DataFrame, num_samples: int, seed: int, per_user: int, stride: int) -> pd.DataFrame:
@@ -227,10 +222,3 @@ def _run_teach(cfg: Config, num_samples: int | None) -> dict:
 
         write_atomic_dir(cfg.run.output_dir / "teacher", write)
     return ledger
-
-
-def load_rationales(out_dir: Path) -> pd.DataFrame:
-    shards = sorted(Path(out_dir, "shards").glob("*.parquet"))
-    if not shards:
-        raise DataError(f"no teacher rationales under {out_dir} (run `slim-ray teach` first)")
-    return pd.concat([pd.read_parquet(p) for p in shards], ignore_index=True).sort_values("user_id")

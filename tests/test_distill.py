@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 
 from slim_ray.config import load_config
-from slim_ray.distill import (IGNORE, collate, load_teacher_rows, run_distill, split_users, tokenize_pairs,
+from slim_ray.distill import (IGNORE, collate, run_distill, split_users, tokenize_pairs,
                               training_target)
 from slim_ray.prefixes import fold_of
 from slim_ray.prompts import TitleIndex, student_messages
 from slim_ray.rationale_quality import score_rationales
+from slim_ray.storage import load_teacher_rows
 
 
 def teacher_rows(n_users: int) -> pd.DataFrame:

@@ -21,7 +21,8 @@ from slim_ray.models import build_backbone
 from slim_ray.prepare import run_prepare
 from slim_ray.storage import load_prepared
 from slim_ray.candidates import checkpoint_candidates, fold_model_name, top_unseen
-from slim_ray.teach import build_requests, load_rationales, run_teach, teach_checkpoints
+from slim_ray.storage import load_rationales
+from slim_ray.teach import build_requests, run_teach, teach_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "user", "content": "Candidate movies:\n- Heat\n- Casino"}]
