@@ -90,6 +90,18 @@ def collate(batch: dict, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens (labels != IGNORE), as the HF loss with `labels` gives,
+    but with vocabulary logits only for positions from the batch's earliest answer on: the ~49k-word
+    head over every prompt position cost most of the step's memory and a good part of its time."""
+    labels = batch["labels"]
+    first = int((labels != IGNORE).int().argmax(1).min()) - 1  # the position that predicts the earliest answer token
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=torch.arange(first, labels.size(1) - 1, device=labels.device)).logits
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                             labels[:, first + 1:].reshape(-1), ignore_index=IGNORE)
+
+
 def lora_model(base_path: str, dc: DistillConfig):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -130,7 +142,7 @@ def distill_loop_per_worker(config: dict) -> None:
         total, steps, start = 0.0, 0, time.perf_counter()
         for batch in shard.iter_batches(batch_size=micro_batch, batch_format="numpy",
                                         local_shuffle_buffer_size=256, local_shuffle_seed=config["seed"] + epoch):
-            loss = engine(**{k: v.to(engine.device) for k, v in collate(batch, pad_id).items()}).loss
+            loss = answer_loss(engine, {k: v.to(engine.device) for k, v in collate(batch, pad_id).items()})
             engine.step(loss)
             total, steps = total + loss.item(), steps + 1
         engine.train(False)
@@ -138,7 +150,8 @@ def distill_loop_per_worker(config: dict) -> None:
         with torch.no_grad():  # every rank: the whole (small) held-out set, same numbers everywhere
             for begin in range(0, len(valid["input_ids"]), micro_batch):
                 part = {k: v[begin:begin + micro_batch] for k, v in valid.items()}
-                valid_losses.append(engine(**{k: v.to(engine.device) for k, v in collate(part, pad_id).items()}).loss.item())
+                valid_losses.append(answer_loss(engine, {k: v.to(engine.device)
+                                                         for k, v in collate(part, pad_id).items()}).item())
         state["epoch"] = epoch
         valid_loss = float(np.mean(valid_losses)) if valid_losses else float("nan")
         early_stopping(state, valid_loss, higher_is_better=False)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from slim_ray.config import load_config
-from slim_ray.distill import (IGNORE, collate, run_distill, split_users, tokenize_pairs,
+from slim_ray.distill import (IGNORE, answer_loss, collate, run_distill, split_users, tokenize_pairs,
                               training_target)
 from slim_ray.prefixes import fold_of
 from slim_ray.prompts import TitleIndex, student_messages
@@ -42,6 +42,19 @@ def test_tokenize_masks_the_prompt(tiny_student):
     batch = collate({"input_ids": encoded["input_ids"], "labels": encoded["labels"]}, pad_id=0)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["attention_mask"].sum() == sum(len(x) for x in encoded["input_ids"])
+
+
+def test_answer_loss_is_the_hf_label_loss_with_logits_for_answer_positions_only(tiny_student):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path, tokenizer = tiny_student
+    rows = teacher_rows(4)
+    answers = [r + " more words" * i for i, r in enumerate(rows["rationale"])]  # answers of different lengths
+    encoded = tokenize_pairs(tokenizer, rows["student_messages"].tolist(), answers, 512, 64)
+    batch = collate(encoded, pad_id=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert torch.allclose(answer_loss(model, batch), model(**batch).loss, atol=1e-5)
 
 
 def test_split_users_and_targets():
