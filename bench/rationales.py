@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_rationales")
     args = parser.parse_args()
 
-    base = [f"distill.rationales={args.rationales}", f"distill.epochs={args.epochs}"]
+    # From the base model, never from the committed adapters the demo config starts from (this makes them).
+    base = [f"distill.rationales={args.rationales}", f"distill.epochs={args.epochs}", "distill.init_adapters=null"]
     cfg = load_config(ROOT / "configs" / "ml100k.yaml",
                       base + args.overrides + [f"run.output_dir={args.workdir / 'main'}"])
     run_prepare(cfg.data, cfg.prepared_dir)
