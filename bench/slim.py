@@ -131,7 +131,8 @@ def main() -> None:
                 workdirs[source] = stage(args.run_dir, ROOT / "runs" / f"bench_slim_{source}", source)
             key = variant + (f"-{args.tag}" if args.tag else "")
             per_seed = {}
-            objective = "prefix" if backbone == "SRGNN" or fusion not in ("none", "text", "slim") else args.objective
+            objective = ("prefix" if backbone == "SRGNN" or fusion not in ("none", "text", "slim")
+                         or "train.leaky_baseline=true" in extra else args.objective)
             batch = [f"train.objective={objective}"] + (
                 [f"train.batch_size={args.window_batch}"] if objective == "all_positions" else [])
             for seed in args.seeds:
@@ -155,7 +156,7 @@ def main() -> None:
                        **({"overrides": args.overrides} if args.overrides else {})}
             row = ID_AGNOSTIC if fusion == "text_match" else backbone
             old = results.setdefault(row, {}).get(key)
-            if old and {k: old.get(k) for k in setting} == setting:  # same setting: other seeds are kept
+            if old and {k: old.get(k, "prefix" if k == "objective" else None) for k in setting} == setting:  # same setting: other seeds are kept
                 per_seed = {**{int(s): v for s, v in old["per_seed"].items()}, **per_seed}
                 commands = list(dict.fromkeys([*old["commands"], command()]))
             else:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from slim_ray.config import Config, load_config
+from slim_ray.errors import ConfigError
 from slim_ray.serve import IndexCore, RecommenderCore, RequestError, StudentCore, recommend
 
 MAX_BODY_BYTES = 64 * 1024
@@ -185,6 +186,9 @@ def serving(cfg: Config, port: int = 8000, student: bool = True, engine: str = "
         running_port = serve_http_port()
         if running_port is None:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
+        elif name in serve.status().applications:  # never replace (and then delete) an app we did not deploy
+            raise ConfigError(f"a Serve application named {name!r} already runs on this cluster: "
+                              "serve this run under another name")
         try:
             serve.run(application(cfg, student, engine), name=name, route_prefix=route_prefix)
             yield f"http://127.0.0.1:{running_port or port}{route_prefix.rstrip('/')}"

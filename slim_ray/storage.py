@@ -45,20 +45,24 @@ def write_atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     version = Path(tempfile.mkdtemp(prefix=f".{target.name}.v-", dir=target.parent))
+    legacy = None
     try:
         write(version)
         previous = target.resolve() if target.is_symlink() else None
-        if target.is_dir() and not target.is_symlink():  # a folder from before symlinks: the previous version
-            previous = target.with_name(f".{target.name}.v-legacy")
-            shutil.rmtree(previous, ignore_errors=True)
-            target.rename(previous)
-            previous = previous.resolve()
+        if target.is_dir() and not target.is_symlink():
+            # A folder from before symlinks becomes the previous version: the one publish with a short gap.
+            legacy = target.with_name(f".{target.name}.v-legacy")
+            shutil.rmtree(legacy, ignore_errors=True)
+            target.rename(legacy)
+            previous = legacy.resolve()
         link = target.with_name(f".{target.name}.link-{os.getpid()}")
         link.unlink(missing_ok=True)
         link.symlink_to(version.name)
         os.replace(link, target)
     except BaseException:
         shutil.rmtree(version, ignore_errors=True)
+        if legacy is not None and not target.exists():
+            legacy.rename(target)
         raise
     for old in target.parent.glob(f".{target.name}.v-*"):  # keep the current and the previous version
         if old.resolve() not in (version.resolve(), previous):

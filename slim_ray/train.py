@@ -70,7 +70,8 @@ def training_windows(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | 
     """Objective all_positions: each user's training targets t = 1..n-3 tiled into windows of at most
     max_len targets, newest first. A window of targets a..b reads s[a-1:b] and predicts s[t] after
     position t-a (causal), so every training target appears once, as in `training_table`, for one
-    forward pass per window. Per position: target (0 = none), its position t (-1) and the checkpoint
+    forward pass per window. A target early in a later window sees only the window's items before it
+    (as the original SASRec trains), where its prefix row would see up to max_len. Per position: target (0 = none), its position t (-1) and the checkpoint
     row (`index`) whose rationale it may use, the same rule as a prefix row's."""
     from ray.data.extensions import ArrowTensorArray
 

@@ -160,14 +160,16 @@ def test_rating_threshold_without_ratings_is_an_error(recbole_files):
 def test_atomic_folder_swap_never_shows_readers_a_missing_or_partial_folder(tmp_path):
     """write_atomic_dir flips a symlink: a reader polling during 100 publishes always finds the folder
     with complete files (two renames had a window with no folder); a failed write leaves the last
-    version; old versions are cleaned up; a plain folder from before is replaced the same way."""
+    version; old versions are cleaned up; a plain folder from before becomes the previous version."""
     import threading
 
     from slim_ray.storage import write_atomic_dir
 
     target = tmp_path / "model"
     target.mkdir()  # a folder written before symlinks
-    (target / "a.txt").write_text("0" * 1000)
+    (target / "a.txt").write_text("x")
+    write_atomic_dir(target, lambda folder: (folder / "a.txt").write_text("0" * 1000))  # migrates it
+    assert target.is_symlink() and len(list(tmp_path.glob(".model.v-*"))) == 2  # new + the old folder
     errors, done = [], threading.Event()
 
     def reader():

@@ -233,7 +233,8 @@ def test_serve_demo_runs_in_its_own_lane_beside_another_application(served_run):
     from ray import serve
 
     from slim_ray.ray_session import ray_session
-    from slim_ray.serve_app import DEMO_APP, demo_requests, free_port
+    from slim_ray.errors import ConfigError
+    from slim_ray.serve_app import DEMO_APP, demo_requests, free_port, serving
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class Production:
@@ -245,6 +246,9 @@ def test_serve_demo_runs_in_its_own_lane_beside_another_application(served_run):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
             serve.run(Production.bind(), name="slim", route_prefix="/")  # the name the demo used to take
+            with pytest.raises(ConfigError, match="already runs"):  # never replaces an app it did not deploy
+                with serving(served_run, name="slim"):
+                    pass
             demo = demo_requests(served_run)
             assert demo["known user"]["status"] == 200 and demo["bad request (k out of range)"]["status"] == 422
             assert set(serve.status().applications) == {"slim"} and DEMO_APP != "slim"
