@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--rationales", type=Path, default=ROOT / "bench" / "data" / "teacher_ml100k_v2.parquet")
     parser.add_argument("--export", type=Path, default=None, help="folder for fold{k}/adapter + meta.json")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--resume", action="store_true", help="continue each fold's Ray Train run from its "
+                        "latest epoch checkpoint (a run stopped midway)")
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--memory-rows", type=int, default=48, help="teacher rows per memory run")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -69,7 +71,7 @@ def main() -> None:
     cfg = load_config(ROOT / "configs" / "ml100k.yaml",
                       base + args.overrides + [f"run.output_dir={args.workdir / 'main'}"])
     run_prepare(cfg.data, cfg.prepared_dir)
-    students = run_distill(cfg)["students"]  # cross-fitted: one per fold
+    students = run_distill(cfg, resume=args.resume)["students"]  # cross-fitted: one per fold
     meta = {k: sum(m[k] for m in students.values()) for k in ("train_rows", "train_users")}
     meta.update(folds=len(students), best_epoch="/".join(str(m["best_epoch"]) for m in students.values()),
                 students=students)
