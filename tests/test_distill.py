@@ -72,7 +72,7 @@ def test_split_users_and_targets():
     assert training_target({**row, "steps": ["a", "b", "Watch this: Heat (1995)"]}) == "Step 1: a\nStep 2: b\nStep 3: Watch this: Heat (1995)"
 
 
-@pytest.mark.parametrize("stem, at_least", [("teacher_ml100k", 300), ("teacher_ml100k_v2", 400)])
+@pytest.mark.parametrize("stem, at_least", [("teacher_ml100k", 300), ("teacher_ml100k_v2", 600)])
 def test_committed_teacher_set_feeds_distillation(stem, at_least):
     """bench/data's teacher sets (bench/teacher.py --export) still load and split with today's code; v2
     (grounded by cross-fitted candidates, at checkpoints) also feeds both cross-fitted students."""
