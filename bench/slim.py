@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, command, publish  # noqa: E402
 from signal_audit import ORACLES, oracle_backfill, run_audit  # noqa: E402
 
-from slim_ray.config import load_config  # noqa: E402
+from slim_ray.config import all_positions_fits, load_config  # noqa: E402
 from slim_ray.fusion import uses_rationale  # noqa: E402
 from slim_ray.train import run_evaluate, run_train  # noqa: E402
 
@@ -131,13 +131,13 @@ def main() -> None:
                 workdirs[source] = stage(args.run_dir, ROOT / "runs" / f"bench_slim_{source}", source)
             key = variant + (f"-{args.tag}" if args.tag else "")
             per_seed = {}
-            objective = ("prefix" if backbone == "SRGNN" or fusion not in ("none", "text", "slim")
-                         or "train.leaky_baseline=true" in extra else args.objective)
+            fits = all_positions_fits(backbone, fusion, leaky_baseline="train.leaky_baseline=true" in extra)
+            objective = args.objective if fits else "prefix"
             batch = [f"train.objective={objective}"] + (
                 [f"train.batch_size={args.window_batch}"] if objective == "all_positions" else [])
             for seed in args.seeds:
-                cfg = load_config(ROOT / "configs" / "ml100k.yaml", [*batch,
-                    f"run.output_dir={workdirs[source]}", f"run.seed={seed}", f"train.backbone={backbone}",
+                cfg = load_config(ROOT / "configs" / "ml100k.yaml", [
+                    *batch, f"run.output_dir={workdirs[source]}", f"run.seed={seed}", f"train.backbone={backbone}",
                     f"train.fusion={fusion}", f"train.epochs={args.epochs}", f"train.patience={args.patience}",
                     *overrides, *extra, *args.overrides])
                 meta = run_train(cfg)
@@ -156,7 +156,8 @@ def main() -> None:
                        **({"overrides": args.overrides} if args.overrides else {})}
             row = ID_AGNOSTIC if fusion == "text_match" else backbone
             old = results.setdefault(row, {}).get(key)
-            if old and {k: old.get(k, "prefix" if k == "objective" else None) for k in setting} == setting:  # same setting: other seeds are kept
+            earlier = {"objective": "prefix", **(old or {})}  # rows from before objectives were recorded
+            if old and {k: earlier.get(k) for k in setting} == setting:  # same setting: other seeds are kept
                 per_seed = {**{int(s): v for s, v in old["per_seed"].items()}, **per_seed}
                 commands = list(dict.fromkeys([*old["commands"], command()]))
             else:

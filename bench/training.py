@@ -27,13 +27,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, matmul_peak_gflops, publish  # noqa: E402
 
-from slim_ray.config import load_config  # noqa: E402
+from slim_ray.config import all_positions_fits, load_config  # noqa: E402
 from slim_ray.fusion import build_model  # noqa: E402
 from slim_ray.prepare import run_prepare  # noqa: E402
 from slim_ray.storage import load_prepared  # noqa: E402
 from slim_ray.train import SELECT_METRIC, column_array, run_evaluate, run_train, training_table, training_windows  # noqa: E402
 
-OBJECTIVES = {"SASRec": ("prefix", "all_positions"), "GRU4Rec": ("prefix", "all_positions"), "SRGNN": ("prefix",)}
+OBJECTIVES = {b: ("prefix", "all_positions") if all_positions_fits(b, "none") else ("prefix",)
+              for b in ("SASRec", "GRU4Rec", "SRGNN")}
 
 
 def epoch_gflop(cfg, sequences, n_items: int, sample: int = 64) -> tuple[float, int]:
@@ -89,10 +90,9 @@ def main() -> None:
     peak = matmul_peak_gflops(2)
     runs = [one_run(backbone, objective, offset, args)
             for backbone in args.backbones for objective in OBJECTIVES[backbone] for offset in args.seeds]
-    mean = lambda backbone, objective, key: float(np.mean([r[key] for r in runs  # noqa: E731
-                                                           if r["backbone"] == backbone and r["objective"] == objective]))
-    std = lambda backbone, objective, key: float(np.std([r[key] for r in runs  # noqa: E731
-                                                         if r["backbone"] == backbone and r["objective"] == objective]))
+    values = lambda b, o, key: [r[key] for r in runs if r["backbone"] == b and r["objective"] == o]  # noqa: E731
+    mean = lambda b, o, key: float(np.mean(values(b, o, key)))  # noqa: E731
+    std = lambda b, o, key: float(np.std(values(b, o, key)))  # noqa: E731
     pairs = [(b, o) for b in args.backbones for o in OBJECTIVES[b]]
     summary = {"epoch_s": {b: {o: mean(b, o, "epoch_s") for o in OBJECTIVES[b]} for b in args.backbones},
                "test_ndcg10": {b: {o: mean(b, o, "test_ndcg10") for o in OBJECTIVES[b]} for b in args.backbones},

@@ -77,6 +77,12 @@ class DLLM2RecConfig(_Section):
     consistency_top_k: int = Field(20, ge=1, description="Backbone top-K that counts as agreeing.")
 
 
+def all_positions_fits(backbone: str, fusion: str, leaky_baseline: bool = False) -> bool:
+    """train.objective=all_positions needs an output after every position (causal SASRec, GRU4Rec) and
+    a fusion that adds a per-position vector (none, text, slim); leaky_baseline is prefix-only."""
+    return backbone in ("SASRec", "GRU4Rec") and fusion in ("none", "text", "slim") and not leaky_baseline
+
+
 class TrainConfig(_Section):
     backbone: Literal["SASRec", "GRU4Rec", "SRGNN"] = "SASRec"
     model: dict[str, Any] = Field(default_factory=dict, description="Backbone hyper-parameters "
@@ -120,8 +126,7 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _objective_fits(self) -> "TrainConfig":
-        if self.objective == "all_positions" and (self.backbone == "SRGNN" or self.fusion not in ("none", "text", "slim")
-                                                  or self.leaky_baseline):
+        if self.objective == "all_positions" and not all_positions_fits(self.backbone, self.fusion, self.leaky_baseline):
             raise ValueError(f"train.objective=all_positions needs a causal backbone (SASRec, GRU4Rec) and fusion "
                              f"none/text/slim without leaky_baseline (got {self.backbone}, {self.fusion})")
         return self

@@ -33,7 +33,6 @@ from slim_ray.student import ensure_student_base
 IGNORE = -100
 
 
-
 def split_users(rows: pd.DataFrame, valid_fraction: float, seed: int, only_parsed: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train / held-out users (seeded). Held-out users keep every row, for a fair quality eval."""
     rows = rows[rows["rationale"].notna()]

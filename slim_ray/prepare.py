@@ -1,6 +1,6 @@
 """Stage `prepare`: raw files -> a prepared dataset directory every later stage reads.
 
-Output (all or nothing: written to a temp dir, then renamed into place):
+Output (all or nothing: slim_ray.storage publishes it as one folder version):
   items.parquet      item_id (1..N; 0 is padding), raw_id, title, categories, brand, year, text
   sequences.parquet  user_id (1..U), raw_user_id, item_ids, timestamps (full chronological history),
                      train_item_ids (all but the last two), valid_history/valid_target,
@@ -20,7 +20,6 @@ from slim_ray.datasets import RawDataset, load_raw
 from slim_ray.errors import DataError
 from slim_ray.prefixes import split_prefix
 from slim_ray.storage import write_prepared
-
 
 
 def filter_interactions(inter: pd.DataFrame, rating_threshold: float | None, kcore: int,

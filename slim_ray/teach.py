@@ -24,7 +24,6 @@ import pyarrow as pa
 
 from slim_ray.candidates import checkpoint_candidates
 from slim_ray.config import Config, TeacherConfig
-from slim_ray.errors import DataError
 from slim_ray.llm_api import ChatCaller, ResponseCache, TokenBucketLimiter, resolve_api_key
 from slim_ray.prefixes import checkpoint_rows
 from slim_ray.prompts import (

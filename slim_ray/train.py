@@ -2,8 +2,8 @@
 
 Pure core: `training_table` (every prefix of every training history -> next item, as RecBole does)
 or `training_windows` (train.objective=all_positions: windows of each training sequence with the
-target after every position, as the original SASRec trains) and the per-epoch helpers. Ray wrapper: `run_train` builds a TorchTrainer whose workers read Ray Data
-shards, select the model on validation NDCG@10 with early stopping, and report a checkpoint each
+target after every position, as the original SASRec trains) and the per-epoch helpers. Ray wrapper:
+`run_train` builds a TorchTrainer whose workers read Ray Data shards, select the model on validation NDCG@10 with early stopping, and report a checkpoint each
 epoch. `--resume` re-attaches to the same Ray Train run folder and continues from its latest one.
 """
 
@@ -32,14 +32,17 @@ from slim_ray.storage import load_prepared, write_atomic_dir
 SELECT_METRIC = "valid_ndcg@10"
 
 
+def row_order(n: int, shuffle_seed: int | None) -> np.ndarray:
+    """A seeded permutation of n rows, so Ray Data's local shuffle buffer (a window, not a global
+    shuffle) still mixes users from the whole dataset in every batch; identity without a seed."""
+    return np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else np.arange(n)
+
+
 def training_table(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | None = None,
                    index: CheckpointIndex | None = None, max_staleness: int | None = None) -> pa.Table:
     """One row per (history prefix -> next item) of each training sequence, right-padded, with the
-    target's position and the checkpoint row (`index`, 0 = none) whose rationale the row may use.
-
-    With shuffle_seed the rows come in a random order, so that Ray Data's local shuffle buffer
-    (a window, not a global shuffle) still mixes users from the whole dataset in every batch.
-    """
+    target's position and the checkpoint row (`index`, 0 = none) whose rationale the row may use;
+    in `row_order`."""
     from ray.data.extensions import ArrowTensorArray
 
     seqs, lens, targets, users, positions, text_rows = [], [], [], [], [], []
@@ -55,8 +58,7 @@ def training_table(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | No
             users.append(user)
             positions.append(t)
             text_rows.append(index.row_for(user, t, max_staleness) if index is not None else 0)
-    order = (np.random.default_rng(shuffle_seed).permutation(len(seqs)) if shuffle_seed is not None
-             else np.arange(len(seqs)))
+    order = row_order(len(seqs), shuffle_seed)
     return pa.table({"item_seq": ArrowTensorArray.from_numpy(np.stack(seqs)[order]),
                      "item_seq_len": np.asarray(lens, dtype=np.int32)[order],
                      "pos_item": np.asarray(targets, dtype=np.int32)[order],
@@ -71,8 +73,9 @@ def training_windows(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | 
     max_len targets, newest first. A window of targets a..b reads s[a-1:b] and predicts s[t] after
     position t-a (causal), so every training target appears once, as in `training_table`, for one
     forward pass per window. A target early in a later window sees only the window's items before it
-    (as the original SASRec trains), where its prefix row would see up to max_len. Per position: target (0 = none), its position t (-1) and the checkpoint
-    row (`index`) whose rationale it may use, the same rule as a prefix row's."""
+    (as the original SASRec trains), where its prefix row would see up to max_len. Per position: target
+    (0 = none), its position t (-1) and the checkpoint row (`index`) whose rationale it may use, the
+    same rule as a prefix row's."""
     from ray.data.extensions import ArrowTensorArray
 
     columns = {name: [] for name in ("item_seq", "pos_item", "target_pos", "text_row")}
@@ -92,8 +95,7 @@ def training_windows(sequences: pd.DataFrame, max_len: int, shuffle_seed: int | 
             lens.append(len(t))
             users.append(user)
             b = a - 1
-    order = (np.random.default_rng(shuffle_seed).permutation(len(lens)) if shuffle_seed is not None
-             else np.arange(len(lens)))
+    order = row_order(len(lens), shuffle_seed)
     table = {name: ArrowTensorArray.from_numpy(np.stack(values)[order]) for name, values in columns.items()}
     return pa.table({**table, "item_seq_len": np.asarray(lens, dtype=np.int32)[order],
                      "user_id": np.asarray(users, dtype=np.int32)[order]})

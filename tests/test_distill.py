@@ -159,23 +159,21 @@ STUDENTS_V2 = Path(__file__).resolve().parents[1] / "bench" / "data" / "student_
 def test_committed_students_write_the_format_for_users_they_never_saw():
     """bench/data/student_ml100k_v2 (bench/rationales.py --export), which the demo's distill stage starts
     from: its quality report scores enough held-out users, and each fold's adapter, loaded on today's
-    base with today's code, writes the 3-step format with step-3 picks from the prompt's candidates for
-    users of its own (held-out) fold."""
+    base with today's code, writes the 3-step format for users of its own (held-out) fold."""
     from slim_ray.prompts import parse_rationale
     from slim_ray.student import HFGenerator, ensure_student_base
 
     root = Path(__file__).resolve().parents[1]
-    folder = STUDENTS_V2
-    report = json.loads((folder / "rationale_quality.json").read_text())
+    report = json.loads((STUDENTS_V2 / "rationale_quality.json").read_text())
     assert report["tuned"]["users"] >= 80 and report["tuned"]["format_valid"] >= 0.95
     assert report["untuned"]["format_valid"] < 0.5  # the format is learned, not prompted
     cfg = load_config(root / "configs" / "ml100k.yaml")
     assert cfg.distill.init_adapters == Path("bench/data/student_ml100k_v2")  # the demo starts from it
     rows = pd.read_parquet(root / "bench" / "data" / "teacher_ml100k_v2.parquet")
     for fold in range(cfg.data.folds):
-        meta = json.loads((folder / f"fold{fold}" / "meta.json").read_text())
+        meta = json.loads((STUDENTS_V2 / f"fold{fold}" / "meta.json").read_text())
         assert meta["holdout_fold"] == fold and meta["train_rows"] >= 250
         held = rows[fold_of(rows["user_id"].to_numpy(), cfg.data.folds) == fold].head(4)
-        generator = HFGenerator(ensure_student_base("smollm2-135m"), str(folder / f"fold{fold}" / "adapter"), threads=2)
+        generator = HFGenerator(ensure_student_base("smollm2-135m"), str(STUDENTS_V2 / f"fold{fold}" / "adapter"), threads=2)
         texts, _ = generator.generate([json.loads(m) for m in held["student_messages"]], cfg.distill.max_new_tokens)
         assert all(parse_rationale(t).parsed for t in texts), texts

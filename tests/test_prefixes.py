@@ -10,7 +10,7 @@ from slim_ray.prefixes import (
     CheckpointIndex, check_leak_free, checkpoint_rows, checkpoints, fold_of, latest_checkpoint, split_prefix,
     train_positions,
 )
-from slim_ray.train import leaky_rows, target_rows, training_table, training_windows
+from slim_ray.train import column_array, leaky_rows, target_rows, training_table, training_windows
 
 SEQUENCES = pd.DataFrame({"user_id": [1, 2, 3], "raw_user_id": ["a", "b", "c"],
                           "item_ids": [list(range(1, 13)), [20, 21, 22, 23], [30, 31, 32]]})
@@ -76,8 +76,7 @@ def test_windows_hold_every_training_target_once_with_the_prefix_rows_rationale(
         events = lambda table: sorted(zip(*target_rows(table)))  # noqa: E731
         assert events(windows) == events(prefix)
         seqs = SEQUENCES.set_index("user_id")["item_ids"]
-        item_seq, pos_item, target_pos = (windows.column(c).combine_chunks().to_numpy_ndarray()
-                                          for c in ("item_seq", "pos_item", "target_pos"))
+        item_seq, pos_item, target_pos = (column_array(windows, c) for c in ("item_seq", "pos_item", "target_pos"))
         for user, inputs, targets, positions, length in zip(windows.column("user_id").to_numpy(), item_seq, pos_item,
                                                              target_pos, windows.column("item_seq_len").to_numpy()):
             seq = seqs[user]
