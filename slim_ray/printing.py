@@ -95,9 +95,10 @@ def print_quality(report: dict) -> None:
 def print_backfill(manifest: dict) -> None:
     students = ", ".join(manifest["model_versions"].values())
     table = Table(title=f"Backfill ({manifest['engine']}, student{'s' if len(manifest['model_versions']) > 1 else ''} {students})")
-    for column in ("rows", "users", "generated", "from cache", "reused", "items encoded", "parse rate", "tok/s"):
+    for column in ("rows", "users", "generated", "from cache", "reused", "items encoded", "parse rate",
+                   "generation tok/s"):
         table.add_column(column, justify="right")
-    speed = f"{manifest['tokens_per_s']:.1f}" if manifest["tokens_per_s"] else "-"
+    speed = f"{manifest['generation_tokens_per_s']:.1f}" if manifest["generation_tokens_per_s"] else "-"
     table.add_row(*(str(manifest[k]) for k in ("rows", "users", "generated", "from_cache", "reused",
                                                 "items_encoded")), f"{manifest['parse_rate']:.1%}", speed)
     console.print(table)
@@ -120,8 +121,9 @@ def print_trained(meta: dict) -> None:
 
 
 def print_index(manifest: dict) -> None:
-    console.print(f"LanceDB item_index: {manifest['rows']} items of {manifest['model']}, {manifest['index_type']} "
-                  f"({manifest['metric']}), table version {manifest['table_version']}")
+    console.print(f"Serving bundle v{manifest['version']} of {manifest['model']}: {manifest['items']} items "
+                  f"({manifest['search']} search), {manifest['users']} known users, rationales "
+                  f"{'none' if manifest['rationales'] is None else 'table version ' + str(manifest['rationales']['version'])}")
 
 
 def print_exchanges(exchanges: dict) -> None:

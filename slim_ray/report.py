@@ -135,7 +135,8 @@ def write_report(run_dir: Path) -> Path:
         b = results["backfill"]
         lines += ["## Backfill", "", f"{b.get('rows')} rationales for {b.get('users')} users ({b.get('generated')} "
                   f"generated, {b.get('from_cache')} from cache, {b.get('reused')} reused), engine {b.get('engine')}, "
-                  f"{b.get('tokens_per_s') or 0:.1f} tokens/s, 3-step parse rate {b.get('parse_rate') or 0:.1%}.", ""]
+                  f"{b.get('generation_tokens_per_s') or 0:.1f} generated tokens/s inside the engine calls (stage wall time "
+                  f"{b.get('wall_s') or 0:.0f} s with Ray start, engine load and encoding), 3-step parse rate {b.get('parse_rate') or 0:.1%}.", ""]
     if "serve-demo" in results:
         lines += ["## Served requests", ""] + _table(["request", "body", "status"], [
             [name, f"`{e['request']}`", e["status"]] for name, e in results["serve-demo"].items()])

@@ -1,31 +1,41 @@
-"""Stage `serve`: recommend-and-explain on Ray Serve, with the item vectors in LanceDB.
+"""Stage `serve`: recommend-and-explain on Ray Serve, from one versioned bundle backed by LanceDB.
 
-  build_index      the trained model's item vectors -> LanceDB table `item_index` with an ANN index
-                   (IVF_HNSW_SQ, dot product); each run writes a new table version
-  RecommenderCore  user vector of a known user (stored history + backfilled rationale) or of a raw
-                   history (+ a fresh rationale from the student when the model or `explain` needs it)
-  IndexCore        ANN search with a prefilter on seen items; checks out the newest table version
-                   before each search, so a re-index swaps in atomically and requests never fail
-  StudentCore      the distilled student + text encoder for fresh rationales
-The *Core classes are plain Python (tested without Ray); slim_ray/serve_app.py wraps each in a Serve deployment
-with autoscaling and puts a FastAPI ingress in front (OpenAPI at /docs). Deploy with
-`serve run serve_configs/recommend.yaml` (or `serve deploy`, or the RayService in cluster/kuberay).
+  publish_bundle  one version of everything a replica serves, published together: the model weights,
+                  its item vectors (LanceDB table `items`, ANN-indexed above serve.exact_max_items), every
+                  known user's vector and seen items (table `users`), and the pinned version of the
+                  backfill's LanceDB `rationales` table. RUN_DIR/serving/MODEL flips to it atomically.
+  Bundle          one loaded version: resolve a request, user vectors (precomputed for known users),
+                  search (exact in memory with a seen-item mask; LanceDB ANN with over-fetch and a
+                  post-filter above serve.exact_max_items)
+  BundleWatcher   the bundle a replica serves now: a newly published one loads off the request path and
+                  is swapped in as one reference, so no request mixes two versions
+  StudentCore     the distilled student + text encoder for fresh rationales (batched)
+  recommend       the request flow; recommend_stream the same with the rationale streamed as it is written
+The classes are plain Python (tested without Ray); slim_ray/serve_app.py wraps them in Serve deployments
+behind a FastAPI ingress (OpenAPI at /docs). Deploy with `serve run serve_configs/recommend.yaml`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import shutil
+import threading
 import time
+from pathlib import Path
+from typing import AsyncIterator, Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 
 from slim_ray.config import Config
 from slim_ray.errors import DataError
-from slim_ray.storage import load_prepared
+from slim_ray.storage import load_prepared, vectors_table, write_atomic_dir
 
-INDEX_TABLE = "item_index"
+log = logging.getLogger(__name__)
+REFINE_FACTOR = 5  # ANN: re-rank 5 x k scalar-quantized candidates with the full vectors
+RATIONALE_COLUMNS = ["user_id", "cut", "rationale", "step1", "step2", "step3", "model_version", "candidate_ids"]
 
 
 class RequestError(Exception):
@@ -36,83 +46,115 @@ class RequestError(Exception):
         self.status, self.reason = status, reason
 
 
-# ---------------------------------------------------------------- index
+# ---------------------------------------------------------------- publishing
 
-def build_index(cfg: Config) -> dict:
-    """Write the trained model's item vectors to LanceDB (a new table version) and index them."""
+def publish_bundle(cfg: Config) -> dict:
+    """Publish the trained model with its item vectors, known users' vectors and the backfill's rationale
+    table version as one new bundle version (RUN_DIR/serving/MODEL)."""
     import lancedb
-    from lancedb.index import IvfHnswSq
 
-    from slim_ray.storage import vectors_table
+    from slim_ray.artifacts import fusion_vectors
     from slim_ray.fusion import load_trained
 
     if not (cfg.model_dir() / "model.pt").is_file():
         raise DataError(f"no trained model at {cfg.model_dir()} (run `slim-ray train` first)")
-    items, _, _ = load_prepared(cfg.prepared_dir)
+    items, sequences, _ = load_prepared(cfg.prepared_dir)
     model, meta = load_trained(cfg.model_dir())
+    _, user_text, _ = fusion_vectors(cfg, meta["n_items"], sequences)
+    # A known user is served from the whole stored history and the rationale of its newest checkpoint,
+    # as the test split is evaluated.
+    text = None if user_text is None else user_text["test"][sequences["user_id"].to_numpy()]
+    histories = [[int(i) for i in s] for s in sequences["item_ids"]]
+    users = sequences[["user_id", "raw_user_id"]].assign(
+        raw_user_id=sequences["raw_user_id"].astype(str), seen=histories,
+        embedding=list(user_vectors(model, meta["max_len"], histories, text)))
     with torch.no_grad():
-        vectors = model.item_vectors()[1:].numpy().astype(np.float32)
-    frame = items[["item_id", "raw_id", "title"]].assign(embedding=list(vectors))
-    db = lancedb.connect(str(cfg.backfill.lancedb_uri or cfg.run.output_dir / "lancedb"))
-    table = db.create_table(INDEX_TABLE, data=vectors_table(frame, ["item_id", "raw_id", "title"], ["embedding"]),
-                            mode="overwrite")
-    table.create_index("vector", config=IvfHnswSq(distance_type="dot", num_partitions=max(1, len(items) // 4096)))
-    manifest = {"model": meta.get("name", meta["backbone"]), "rows": len(items), "dim": int(vectors.shape[1]),
-                "table_version": int(table.version), "index_type": "IVF_HNSW_SQ", "metric": "dot"}
-    (cfg.model_dir() / "index.json").write_text(json.dumps(manifest, indent=2))
+        item_frame = items[["item_id", "raw_id", "title", "categories", "brand", "year"]].assign(
+            raw_id=items["raw_id"].astype(str), categories=items["categories"].map(list),
+            embedding=list(model.item_vectors()[1:].numpy().astype(np.float32)))
+    backfill = cfg.run.output_dir / "backfill" / "manifest.json"
+    lance = json.loads(backfill.read_text()).get("lancedb") if backfill.is_file() else None
+    target = cfg.serving_dir
+    previous = json.loads((target / "bundle.json").read_text())["version"] if (target / "bundle.json").is_file() else 0
+    exact = len(items) <= cfg.serve.exact_max_items
+    manifest = {"version": previous + 1, "model": meta.get("name", meta["backbone"]), "fusion": meta.get("fusion", "none"),
+                "items": len(items), "users": len(users), "dim": int(item_frame["embedding"].iloc[0].shape[0]),
+                "text_dim": None if text is None else int(text.shape[1]),
+                "search": "exact" if exact else "ann", "index_type": None if exact else "IVF_HNSW_SQ",
+                "rationales": None if lance is None else {"uri": str(Path(lance["uri"]).resolve()),
+                                                           "version": lance["versions"]["rationales"]},
+                "published_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def write(folder: Path) -> None:
+        for name in ("model.pt", "meta.json"):
+            shutil.copy2(cfg.model_dir() / name, folder / name)
+        db = lancedb.connect(str(folder / "lancedb"))
+        table = db.create_table("items", data=vectors_table(item_frame, [c for c in item_frame if c != "embedding"],
+                                                            ["embedding"]))
+        if not exact:
+            index_vectors(table, len(items))
+        db.create_table("users", data=vectors_table(users, ["user_id", "raw_user_id", "seen"], ["embedding"]))
+        (folder / "bundle.json").write_text(json.dumps(manifest, indent=2))
+
+    write_atomic_dir(target, write)
     return manifest
 
 
-REFINE_FACTOR = 5
-HIT_COLUMNS = ["item_id", "raw_id", "title", "_distance"]  # naming _distance silences a per-query warning
+def index_vectors(table, rows: int) -> None:
+    """ANN index over a LanceDB table's `vector` column: IVF_HNSW_SQ, dot product, ~4096 rows a partition."""
+    from lancedb.index import IvfHnswSq
+
+    table.create_index("vector", config=IvfHnswSq(distance_type="dot", num_partitions=max(1, rows // 4096)))
 
 
-class IndexCore:
-    def __init__(self, uri: str, refresh_s: float = 1.0):
+def user_vectors(model, max_len: int, histories: list[list[int]], text: np.ndarray | None,
+                 batch_size: int = 1024) -> np.ndarray:
+    """s_u of each history (its newest max_len items) with its rationale vector (fused models), [N, d]."""
+    out = []
+    for start in range(0, len(histories), batch_size):
+        chunk = [h[-max_len:] for h in histories[start:start + batch_size]]
+        batch = {"item_seq": torch.zeros(len(chunk), max_len, dtype=torch.long),
+                 "item_seq_len": torch.tensor([len(h) for h in chunk])}
+        for row, h in enumerate(chunk):
+            batch["item_seq"][row, : len(h)] = torch.as_tensor(h)
+        if text is not None:
+            batch["user_text"] = torch.as_tensor(np.asarray(text[start:start + batch_size], dtype=np.float32))
+        with torch.no_grad():
+            out.append(model.user_vectors(batch).numpy().astype(np.float32))
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+# ---------------------------------------------------------------- one bundle version
+
+class Bundle:
+    """One published version, loaded: everything a request reads comes from here."""
+
+    def __init__(self, folder: Path, n_candidates: int, history_len: int, nprobes: int = 32):
         import lancedb
 
-        self.table = lancedb.connect(uri).open_table(INDEX_TABLE)
-        self.refresh_s, self.checked_at = refresh_s, time.perf_counter()
+        from slim_ray.fusion import load_trained, uses_rationale
 
-    def search(self, vector: list[float], k: int, exclude: list[int], exact: bool = False) -> dict:
-        start = time.perf_counter()
-        if start - self.checked_at >= self.refresh_s:
-            # A re-index is picked up here, atomically, within refresh_s (reading the table's
-            # manifest on every request would cost each search a file-system round trip).
-            self.table.checkout_latest()
-            self.checked_at = start
-        query = self.table.search(np.asarray(vector, dtype=np.float32)).distance_type("dot").limit(k)
-        if exclude:
-            query = query.where(f"item_id NOT IN ({', '.join(str(int(i)) for i in exclude)})", prefilter=True)
-        # The index scores scalar-quantized vectors (recall@10 0.905 alone here): re-rank its top
-        # REFINE_FACTOR x k candidates with the full vectors.
-        query = query.bypass_vector_index() if exact else query.refine_factor(REFINE_FACTOR)
-        hits = query.select(HIT_COLUMNS).to_list()
-        # LanceDB's "dot" distance is 1 - dot product: report the model's score itself
-        return {"items": [{"item_id": int(h["item_id"]), "raw_id": str(h["raw_id"]), "title": h["title"],
-                           "score": float(1.0 - h["_distance"])} for h in hits],
-                "index_version": int(self.table.version), "search_ms": (time.perf_counter() - start) * 1000}
-
-
-# ---------------------------------------------------------------- recommender
-
-class RecommenderCore:
-    def __init__(self, cfg: Config):
-        from slim_ray.fusion import uses_rationale
-        from slim_ray.artifacts import fusion_vectors
-        from slim_ray.fusion import load_trained
-
-        self.cfg = cfg
-        items, sequences, _ = load_prepared(cfg.prepared_dir)
-        self.items = items.set_index("item_id")
-        self.item_by_raw = dict(zip(items["raw_id"].astype(str), items["item_id"]))
-        self.user_row = {str(u): i for i, u in enumerate(sequences["raw_user_id"])}
-        self.sequences = sequences
-        self.model, self.meta = load_trained(cfg.model_dir())
+        self.folder = folder
+        self.manifest = json.loads((folder / "bundle.json").read_text())
+        self.version, self.exact = self.manifest["version"], self.manifest["search"] == "exact"
+        self.n_candidates, self.history_len, self.nprobes = n_candidates, history_len, nprobes
+        self.model, self.meta = load_trained(folder)
         self.needs_rationale = uses_rationale(self.meta.get("fusion", "none"))
-        self.rationales = cached_rationales(cfg)
-        _, user_text, _ = fusion_vectors(cfg, self.meta["n_items"], sequences)
-        self.user_text = None if user_text is None else user_text["test"]  # the newest prefix's rationale
+        db = lancedb.connect(str(folder / "lancedb"))
+        self.table = db.open_table("items")
+        items = self.table.to_arrow()
+        ids = items.column("item_id").to_numpy()
+        if self.exact:  # row = item id; row 0 is padding and never recommended
+            self.item_matrix = np.zeros((int(ids.max()) + 1, self.manifest["dim"]), np.float32)
+            self.item_matrix[ids] = np.stack(items.column("vector").to_numpy(zero_copy_only=False))
+        self.items = items.drop_columns(["vector"]).to_pandas().set_index("item_id")
+        self.item_by_raw = dict(zip(self.items["raw_id"], self.items.index))
+        users = db.open_table("users").to_arrow()
+        self.user_row = {raw: row for row, raw in enumerate(users.column("raw_user_id").to_pylist())}
+        self.user_ids = users.column("user_id").to_numpy()
+        self.seen = users.column("seen").to_pylist()
+        self.user_matrix = np.stack(users.column("vector").to_numpy(zero_copy_only=False))
+        self.rationales = pinned_rationales(self.manifest["rationales"])
 
     def item(self, item_id: int) -> dict:
         if item_id not in self.items.index:
@@ -122,62 +164,119 @@ class RecommenderCore:
                 "categories": list(row["categories"]), "brand": row["brand"], "year": row["year"]}
 
     def resolve(self, user_id: str | None, history: list[str] | None) -> tuple[list[int], int | None]:
-        """(item ids of the history, user id if known). Raw ids in, 4xx reasons out."""
+        """(item ids of the history, bundle row of a known user). Raw ids in, 4xx reasons out."""
         if user_id is not None:
             if str(user_id) not in self.user_row:
                 raise RequestError(404, f"unknown user_id {user_id!r}")
             row = self.user_row[str(user_id)]
-            return [int(i) for i in self.sequences["item_ids"].iloc[row]], int(self.sequences["user_id"].iloc[row])
+            return list(self.seen[row]), row
         unknown = [h for h in history if str(h) not in self.item_by_raw]
         if unknown:
             raise RequestError(422, f"unknown item ids in history: {unknown[:10]}")
         return [int(self.item_by_raw[str(h)]) for h in history], None
 
+    def cached_rationale(self, row: int | None) -> dict | None:
+        return None if row is None else self.rationales.get(int(self.user_ids[row]))
+
     def history_items(self, item_ids: list[int]) -> list[dict]:
-        return [self.item(i) for i in item_ids[-self.cfg.teacher.history_len:]]
+        return [self.item(i) for i in item_ids[-self.history_len:]]
+
+    def user_vectors(self, histories: list[list[int]], text: list[np.ndarray | None]) -> np.ndarray:
+        """Vectors of raw histories; a fused model without a rationale gets a zero text vector, as
+        training rows before their user's first checkpoint."""
+        dim = self.manifest["text_dim"]
+        stacked = np.stack([np.zeros(dim, np.float32) if t is None else np.asarray(t, np.float32) for t in text]
+                           ) if self.needs_rationale else None
+        return user_vectors(self.model, self.meta["max_len"], histories, stacked)
 
     def candidates(self, item_ids: list[int]) -> list[dict]:
         """Step-3 candidates of a fresh rationale, grounded as at backfill time: the served model's top
-        unseen items for this history, scored with no rationale (a zero text vector, as training rows
-        before their user's first checkpoint)."""
-        n = self.cfg.teacher.n_candidates
-        dim = self.user_text.shape[1] if self.user_text is not None else 0
-        vector = torch.as_tensor(self.user_vector(item_ids, np.zeros(dim, np.float32)))
-        with torch.no_grad():
-            scores = self.model.item_vectors() @ vector
-        scores[0] = -torch.inf
-        scores[torch.as_tensor(sorted(set(item_ids)))] = -torch.inf
-        return [self.item(int(i)) for i in scores.topk(n).indices.tolist()]
+        unseen items for this history, scored with no rationale."""
+        vector = self.user_vectors([item_ids], [None])[0]
+        return [self.item(hit["item_id"]) for hit in self.search(vector, self.n_candidates, item_ids)]
 
-    def user_vector(self, item_ids: list[int], user_text: np.ndarray | None) -> list[float]:
-        max_len = self.meta["max_len"]
-        recent = item_ids[-max_len:]
-        batch = {"item_seq": torch.zeros(1, max_len, dtype=torch.long), "item_seq_len": torch.tensor([len(recent)])}
-        batch["item_seq"][0, : len(recent)] = torch.as_tensor(recent)
-        if self.needs_rationale:
-            batch["user_text"] = torch.as_tensor(np.asarray(user_text, dtype=np.float32))[None]
-        with torch.no_grad():
-            return self.model.user_vectors(batch)[0].tolist()
+    def search(self, vector: np.ndarray, k: int, exclude: list[int]) -> list[dict]:
+        """Top-k items by dot product, never one of `exclude`."""
+        exclude = sorted(set(int(i) for i in exclude))
+        if self.exact:
+            scores = self.item_matrix @ np.asarray(vector, np.float32)
+            scores[[0, *exclude]] = -np.inf
+            k = min(k, int(np.isfinite(scores).sum()))
+            top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, int)
+            top = top[np.argsort(-scores[top], kind="stable")]
+            hits = [(int(i), float(scores[i])) for i in top]
+        else:
+            hits = ann_search(self.table, vector, k, exclude, self.nprobes)
+        return [{"item_id": i, "raw_id": str(self.items.at[i, "raw_id"]), "title": self.items.at[i, "title"],
+                 "score": s} for i, s in hits]
 
 
-def cached_rationales(cfg: Config) -> dict[int, dict]:
-    """user id -> the backfilled rationale of the user's newest checkpoint (empty without a backfill)."""
-    path = cfg.run.output_dir / "backfill" / "rationales.parquet"
-    if not path.is_file():
+def ann_search(table, vector: np.ndarray, k: int, exclude: list[int], nprobes: int) -> list[tuple[int, float]]:
+    """(item id, dot product) of the top k by LanceDB ANN. Over-fetching by the excluded count means the
+    post-filter always leaves k (a SQL prefilter costs a scan per query); the scalar-quantized candidates
+    are re-ranked with the full vectors (refine)."""
+    rows = (table.search(np.asarray(vector, np.float32)).distance_type("dot").nprobes(nprobes)
+            .limit(k + len(exclude)).refine_factor(REFINE_FACTOR).select(["item_id", "_distance"]).to_list())
+    skip = set(exclude)  # LanceDB's "dot" distance is 1 - dot product: report the score itself
+    return [(int(r["item_id"]), 1.0 - float(r["_distance"])) for r in rows if int(r["item_id"]) not in skip][:k]
+
+
+def pinned_rationales(pin: dict | None) -> dict[int, dict]:
+    """user id -> the rationale of the user's newest checkpoint, from the backfill's LanceDB table at
+    the version the bundle pinned (empty without a backfill)."""
+    if pin is None:
         return {}
-    rows = pd.read_parquet(path, columns=["user_id", "cut", "rationale", "step1", "step2", "step3", "model_version",
-                                          "candidate_ids"])
-    newest = rows.sort_values("cut").groupby("user_id").tail(1)
-    return {int(r.user_id): {"rationale": r.rationale, "steps": [r.step1, r.step2, r.step3], "model_version": r.model_version,
-                             "candidates": [int(c) for c in r.candidate_ids]} for r in newest.itertuples()}
+    import lancedb
 
+    table = lancedb.connect(pin["uri"]).open_table("rationales")
+    table.checkout(pin["version"])
+    newest: dict[int, dict] = {}
+    for r in table.to_arrow().select(RATIONALE_COLUMNS).to_pylist():
+        if r["user_id"] not in newest or r["cut"] > newest[r["user_id"]]["cut"]:
+            newest[r["user_id"]] = r
+    return {int(u): {"rationale": r["rationale"], "steps": [r["step1"], r["step2"], r["step3"]],
+                     "model_version": r["model_version"], "candidates": [int(c) for c in r["candidate_ids"]]}
+            for u, r in newest.items()}
+
+
+class BundleWatcher:
+    """The bundle a replica serves. Every refresh_s it reads where the bundle link points; a new version
+    is loaded on a background thread and swapped in as one reference (atomic under the GIL)."""
+
+    def __init__(self, cfg: Config):
+        self.link, self.refresh_s = cfg.serving_dir, cfg.serve.refresh_s
+        self.args = (cfg.teacher.n_candidates, cfg.teacher.history_len, cfg.serve.ann_nprobes)
+        if not (self.link / "bundle.json").is_file():
+            raise DataError(f"no published bundle at {self.link} (run `slim-ray index` first)")
+        self.bundle = Bundle(self.link.resolve(), *self.args)
+        self.checked_at, self.loading = time.monotonic(), False
+
+    def current(self) -> Bundle:
+        now = time.monotonic()
+        if now - self.checked_at >= self.refresh_s and not self.loading:
+            self.checked_at = now
+            if self.link.resolve() != self.bundle.folder:
+                self.loading = True
+                threading.Thread(target=self._swap, daemon=True).start()
+        return self.bundle
+
+    def _swap(self) -> None:
+        try:
+            self.bundle = Bundle(self.link.resolve(), *self.args)
+        except Exception:  # e.g. a version removed by two quick publishes: retried at the next check
+            log.exception("loading the newly published bundle failed; still serving version %s", self.bundle.version)
+        finally:
+            self.loading = False
+
+
+# ---------------------------------------------------------------- student
 
 class StudentCore:
     def __init__(self, cfg: Config, engine: str = "hf"):
         from slim_ray.artifacts import student_paths
         from slim_ray.storage import model_version
-        from slim_ray.text_encoder import load_encoder
         from slim_ray.student import make_generator
+        from slim_ray.text_encoder import load_encoder
 
         path = next(iter(student_paths(cfg).values()))  # a new history is in no fold: any student serves it
         self.version, self.domain = model_version(path), load_prepared(cfg.prepared_dir)[2]["domain"]
@@ -185,50 +284,102 @@ class StudentCore:
         self.encoder = load_encoder(cfg.backfill.encoder, threads=1)
         self.max_new_tokens = cfg.backfill.max_new_tokens
 
-    def explain(self, history: list[dict], candidates: list[dict]) -> dict:
+    def explain_batch(self, requests: list[tuple[list[dict], list[dict]]]) -> list[dict]:
+        """Fresh rationales of (history items, candidate items) pairs, generated together."""
         from slim_ray.prompts import parse_rationale, student_messages
 
-        texts, _ = self.generator.generate([student_messages(history, candidates, self.domain)], self.max_new_tokens)
-        vector = self.encoder.encode(texts, normalize_embeddings=True)[0].astype(np.float32)
-        return {"rationale": texts[0], "steps": parse_rationale(texts[0]).steps, "vector": vector.tolist(),
-                "model_version": self.version, "candidates": [int(c["item_id"]) for c in candidates]}
+        texts, _ = self.generator.generate([student_messages(h, c, self.domain) for h, c in requests],
+                                           self.max_new_tokens)
+        vectors = self.encoder.encode(texts, normalize_embeddings=True).astype(np.float32)
+        return [{"rationale": text, "steps": parse_rationale(text).steps, "vector": vector.tolist(),
+                 "model_version": self.version, "candidates": [int(c["item_id"]) for c in candidates]}
+                for text, vector, (_, candidates) in zip(texts, vectors, requests)]
+
+    def explain(self, history: list[dict], candidates: list[dict]) -> dict:
+        return self.explain_batch([(history, candidates)])[0]
+
+    def stream(self, history: list[dict], candidates: list[dict]) -> Iterator[dict]:
+        """{"token": text} pieces as the student writes, then {"explanation": ...} as `explain` returns it."""
+        from slim_ray.prompts import parse_rationale, student_messages
+
+        pieces = []
+        for piece in self.generator.stream(student_messages(history, candidates, self.domain), self.max_new_tokens):
+            pieces.append(piece)
+            yield {"token": piece}
+        text = "".join(pieces).strip()
+        vector = self.encoder.encode([text], normalize_embeddings=True)[0].astype(np.float32)
+        yield {"explanation": {"rationale": text, "steps": parse_rationale(text).steps, "vector": vector.tolist(),
+                               "model_version": self.version, "candidates": [int(c["item_id"]) for c in candidates]}}
 
 
-async def recommend(core: RecommenderCore, explain_fn, search_fn, user_id: str | None, history: list[str] | None,
+# ---------------------------------------------------------------- request flow
+
+async def recommend(bundle: Bundle, explain_fn, vector_fn, user_id: str | None, history: list[str] | None,
                     k: int, exclude_seen: bool, explain: bool) -> dict:
-    """The request flow. `explain_fn(history_items, candidates)` and `search_fn(vector, k, exclude)` are async:
-    Serve handle calls in the app, wrapped plain calls in tests."""
+    """One request, answered from one bundle version. `explain_fn(history_items, candidates)` and
+    `vector_fn(bundle, item_ids, text_vector)` are async (batched Serve calls in the app, plain calls in tests)."""
     timings, start = {}, time.perf_counter()
     clock = start
 
-    def lap(name: str) -> None:  # per-hop milliseconds, returned with the response
+    def lap(name: str) -> None:  # per-step milliseconds, returned with the response
         nonlocal clock
         now = time.perf_counter()
         timings[name], clock = (now - clock) * 1000, now
 
-    item_ids, known_user = core.resolve(user_id, history)
+    item_ids, row = bundle.resolve(user_id, history)
     if not item_ids:
         raise RequestError(422, "the history is empty")
-    cached = core.rationales.get(known_user) if known_user is not None else None
-    rationale, source, vector_text = None, None, None
-    if cached is not None:
-        rationale, source = dict(cached), "cached"  # the same shape as a fresh explanation, without its vector
-        vector_text = core.user_text[known_user] if core.user_text is not None else None
+    cached = bundle.cached_rationale(row)
+    rationale, source = (dict(cached), "cached") if cached is not None else (None, None)
     lap("resolve")
-    if cached is None and (explain or core.needs_rationale):
-        fresh = await explain_fn(core.history_items(item_ids), core.candidates(item_ids))
-        vector_text = np.asarray(fresh.pop("vector"), dtype=np.float32)
+    text = None
+    if cached is None and (explain or (row is None and bundle.needs_rationale)):
+        candidates = await asyncio.to_thread(bundle.candidates, item_ids)  # a forward pass: off the event loop
+        fresh = await explain_fn(bundle.history_items(item_ids), candidates)
+        text = np.asarray(fresh.pop("vector"), dtype=np.float32)
         rationale, source = fresh, "fresh"
         lap("student")
-    exclude = sorted(set(item_ids)) if exclude_seen else []
-    vector = core.user_vector(item_ids, vector_text)
+    # known users: precomputed at publish time (their stored history and newest backfilled rationale)
+    vector = bundle.user_matrix[row] if row is not None else await vector_fn(bundle, item_ids, text)
     lap("user_vector")
-    found = await search_fn(vector, k, exclude)
-    lap("search")  # the call to the index (a Serve handle hop in the app) ...
-    timings["index"] = found["search_ms"]  # ... of which LanceDB inside the index replica
-    return {"items": found["items"], "explanation": rationale if explain else None,
+    exclude = item_ids if exclude_seen else []
+    # exact scoring is one small matmul; an ANN query waits on LanceDB: off the event loop
+    items = bundle.search(vector, k, exclude) if bundle.exact else await asyncio.to_thread(bundle.search, vector, k, exclude)
+    lap("search")
+    return {"items": items, "explanation": rationale if explain else None,
             "rationale_source": source if explain else None,
-            "versions": {"model": core.meta.get("name", core.meta["backbone"]),
-                         "student": rationale["model_version"] if rationale else None,
-                         "index": found["index_version"]},
+            "versions": {"bundle": bundle.version, "model": bundle.manifest["model"],
+                         "student": rationale["model_version"] if rationale else None},
             "latency_ms": (time.perf_counter() - start) * 1000, "timings_ms": timings}
+
+
+async def recommend_stream(bundle: Bundle, stream_fn, vector_fn, user_id: str | None, history: list[str] | None,
+                           k: int, exclude_seen: bool) -> AsyncIterator[tuple[str, dict]]:
+    """The streamed flow: ("items", ...) at once, then for a fresh rationale ("token", ...) pieces as the
+    student writes, then ("explanation", ...) in the shape `recommend` returns. Items come before the
+    rationale exists, so a SLIM-fused model scores a raw history here without one (as it picks the
+    rationale's candidates); `recommend` waits for the rationale and scores with it. Bad requests raise
+    RequestError before the first event."""
+    item_ids, row = bundle.resolve(user_id, history)
+    if not item_ids:
+        raise RequestError(422, "the history is empty")
+    cached = bundle.cached_rationale(row)
+    vector = bundle.user_matrix[row] if row is not None else await vector_fn(bundle, item_ids, None)
+    exclude = item_ids if exclude_seen else []
+    items = bundle.search(vector, k, exclude) if bundle.exact else await asyncio.to_thread(bundle.search, vector, k, exclude)
+
+    async def events() -> AsyncIterator[tuple[str, dict]]:
+        yield "items", {"items": items, "rationale_source": "cached" if cached is not None else "fresh",
+                        "versions": {"bundle": bundle.version, "model": bundle.manifest["model"]}}
+        if cached is not None:
+            yield "explanation", dict(cached)
+            return
+        candidates = await asyncio.to_thread(bundle.candidates, item_ids)
+        async for part in stream_fn(bundle.history_items(item_ids), candidates):
+            if "token" in part:
+                yield "token", part
+            else:
+                part["explanation"].pop("vector")
+                yield "explanation", part["explanation"]
+
+    return events()

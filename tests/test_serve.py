@@ -1,8 +1,9 @@
-"""Recommend-and-explain: LanceDB index, the request flow, and a real Serve app on loopback."""
+"""Recommend-and-explain: the versioned serving bundle, the request flow, and a real Serve app on loopback."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 
@@ -11,7 +12,7 @@ import pytest
 
 from slim_ray.config import load_config
 from slim_ray.prepare import run_prepare
-from slim_ray.serve import IndexCore, RecommenderCore, RequestError, StudentCore, build_index, recommend
+from slim_ray.serve import Bundle, BundleWatcher, RequestError, StudentCore, publish_bundle, recommend
 from conftest import slim_run_overrides  # tests/ is on sys.path (pytest rootdir)
 
 pytestmark = pytest.mark.slow
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def served_run(ring_dataset, tiny_student):
-    """A SLIM-fused tiny SASRec trained on a real backfill (HF student), indexed in LanceDB."""
+    """A SLIM-fused tiny SASRec trained on a real backfill (HF student), published as a serving bundle."""
     from slim_ray.backfill import run_backfill
     from slim_ray.train import run_train
 
@@ -27,7 +28,7 @@ def served_run(ring_dataset, tiny_student):
     run_prepare(cfg.data, cfg.prepared_dir)
     run_backfill(cfg.model_copy(update={"backfill": cfg.backfill.model_copy(update={"max_users": 30})}))
     run_train(cfg)
-    build_index(cfg)
+    publish_bundle(cfg)
     return cfg
 
 
@@ -116,44 +117,61 @@ def _sync(fn):
     return call
 
 
-def test_index_search_excludes_seen_and_agrees_with_exact_search(served_run):
-    index = IndexCore(str(served_run.run.output_dir / "lancedb"))
+async def _vector(bundle, item_ids, text):
+    return bundle.user_vectors([item_ids], [text])[0]
+
+
+def test_bundle_search_exact_and_ann_agree_and_exclude_seen(served_run):
+    """The same published vectors searched exactly in memory and by LanceDB ANN (catalogue over
+    serve.exact_max_items): same top-10, seen items never returned, scores descending."""
+    ann_cfg = served_run.model_copy(update={"serve": served_run.serve.model_copy(update={"exact_max_items": 0})})
+    assert publish_bundle(ann_cfg)["search"] == "ann"
+    ann = Bundle(served_run.serving_dir.resolve(), 5, 10)
+    exact_manifest = publish_bundle(served_run)
+    exact = Bundle(served_run.serving_dir.resolve(), 5, 10)
+    assert exact_manifest["search"] == "exact" and exact.version == ann.version + 1 and exact.folder != ann.folder
     rng = np.random.default_rng(0)
     agree = []
     for _ in range(20):
-        query = rng.standard_normal(16).tolist()
-        ann = [h["item_id"] for h in index.search(query, 10, [])["items"]]
-        exact = [h["item_id"] for h in index.search(query, 10, [], exact=True)["items"]]
-        agree.append(len(set(ann) & set(exact)) / 10)
+        query = rng.standard_normal(exact.manifest["dim"]).astype(np.float32)
+        by_ann, by_exact = ([h["item_id"] for h in b.search(query, 10, [])] for b in (ann, exact))
+        agree.append(len(set(by_ann) & set(by_exact)) / 10)
     assert np.mean(agree) >= 0.95
-    hits = index.search(query, 10, [1, 2, 3])["items"]
-    assert len(hits) == 10 and not {1, 2, 3} & {h["item_id"] for h in hits}
-    scores = [h["score"] for h in hits]
-    assert scores == sorted(scores, reverse=True)
+    ranked = [h["item_id"] for h in exact.search(query, 13, [])]
+    for bundle in (ann, exact):  # the three best items seen: the next ten come back, in order
+        hits = bundle.search(query, 10, ranked[:3])
+        assert [h["item_id"] for h in hits] == ranked[3:13]
+        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    everything = list(exact.items.index)
+    assert exact.search(query, 5, everything[2:]) == exact.search(query, 10, everything[2:])  # only 2 left
 
 
 def test_request_flow_cached_fresh_and_errors(served_run):
-    core = RecommenderCore(served_run)
+    from slim_ray.serve_app import RecommendResponse
+
+    bundle = BundleWatcher(served_run).current()
     student = StudentCore(served_run)
-    index = IndexCore(str(served_run.run.output_dir / "lancedb"))
     calls = []
 
     def explain(history, candidates):
         calls.append(history)
         return student.explain(history, candidates)
 
-    run = lambda **kw: asyncio.run(recommend(core, _sync(explain), _sync(index.search), **{  # noqa: E731
+    run = lambda **kw: asyncio.run(recommend(bundle, _sync(explain), _vector, **{  # noqa: E731
         "user_id": None, "history": None, "k": 5, "exclude_seen": True, "explain": True, **kw}))
     known = run(user_id="u1")  # in the backfill (first 30 users)
     assert known["rationale_source"] == "cached" and not calls and len(known["items"]) == 5
-    seen = set(core.resolve("u1", None)[0])
+    assert known["timings_ms"].keys() == {"resolve", "user_vector", "search"}  # no hop, no forward pass
+    seen = set(bundle.resolve("u1", None)[0])
     assert not seen & {i["item_id"] for i in known["items"]}
     fresh = run(history=["3", "4", "5"])
     assert fresh["rationale_source"] == "fresh" and len(calls) == 1 and fresh["explanation"]["rationale"] is not None
     assert fresh["versions"]["student"] == student.version
-    assert set(known["explanation"]) == set(fresh["explanation"])  # one shape, cached or fresh
+    assert fresh["versions"]["bundle"] == known["versions"]["bundle"] == bundle.version
+    for response in (known, fresh):  # one schema, cached or fresh
+        RecommendResponse.model_validate(response)
     grounded = fresh["explanation"]["candidates"]  # the served model's top unseen items, as at backfill time
-    assert len(grounded) == served_run.teacher.n_candidates and not set(grounded) & set(core.resolve(None, ["3", "4", "5"])[0])
+    assert len(grounded) == served_run.teacher.n_candidates and not set(grounded) & set(bundle.resolve(None, ["3", "4", "5"])[0])
     assert "student" in fresh["timings_ms"] and "student" not in known["timings_ms"]
     for kwargs, status in (({"user_id": "nobody"}, 404), ({"history": ["999"]}, 422), ({"history": []}, 422)):
         with pytest.raises(RequestError) as error:
@@ -161,10 +179,52 @@ def test_request_flow_cached_fresh_and_errors(served_run):
         assert error.value.status == status
 
 
-def test_serve_app_endpoints_bad_requests_and_index_swap(served_run):
+def read_events(client, body: dict) -> list[tuple[str, dict, float]]:
+    """(event, data, arrival time) of a server-sent event stream from /v1/recommend/stream."""
+    import json
+
+    events, name = [], None
+    with client.stream("POST", "/v1/recommend/stream", json=body) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[len("data: "):]), time.perf_counter()))
+    return events
+
+
+def check_contract(url: str, examples: int = 60) -> int:
+    """Schemathesis: requests generated from the served OpenAPI document, valid and invalid, for each
+    operation; every response must have a documented status, content type and schema, no 5xx, and
+    invalid requests must be refused. A valid request may still name ids the catalogue does not
+    have (404, or 422 for unknown item ids: documented). Returns the number of requests sent."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import positive_data_acceptance
+
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    sent = []
+    for path, method in (("/v1/recommend", "POST"), ("/v1/items/{item_id}", "GET")):
+        operation = schema[path][method]
+
+        @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(GenerationMode.NEGATIVE))
+        def conforms(case):
+            response = case.call_and_validate(base_url=url, excluded_checks=[positive_data_acceptance])
+            sent.append(response.status_code)
+            if response.status_code == 422 and case.meta.generation.mode == GenerationMode.POSITIVE:
+                assert response.json()["error"].startswith("unknown item ids"), (case.body, response.text)
+
+        conforms()
+    return len(sent)
+
+
+def test_serve_app_endpoints_bad_requests_and_contract(served_run):
     import httpx
 
-    from slim_ray.serve_app import MAX_BODY_BYTES, free_port, serving
+    from slim_ray.serve_app import MAX_BODY_BYTES, Explanation, free_port, serving
 
     with serving(served_run, port=free_port()) as url:
         client = httpx.Client(base_url=url, timeout=60)
@@ -175,6 +235,7 @@ def test_serve_app_endpoints_bad_requests_and_index_swap(served_run):
         assert len(known.json()["items"]) == 3
         fresh = client.post("/v1/recommend", json={"history": ["3", 4, "5"], "k": 3})
         assert fresh.status_code == 200 and fresh.json()["rationale_source"] == "fresh"
+        assert fresh.json()["explanation"].keys() == known.json()["explanation"].keys()
         assert client.get("/v1/items/3").json()["title"] == "Film3"
         bad = {
             "unknown user": ({"user_id": "nobody"}, 404),
@@ -184,6 +245,8 @@ def test_serve_app_endpoints_bad_requests_and_index_swap(served_run):
             "k zero": ({"user_id": "u1", "k": 0}, 422),
             "wrong type": ({"user_id": "u1", "k": "ten"}, 422),
             "both sources": ({"user_id": "u1", "history": ["3"]}, 422),
+            "neither source": ({}, 422),
+            "null user": ({"user_id": None}, 422),
             "extra field": ({"user_id": "u1", "limit": 3}, 422),
         }
         for name, (body, status) in bad.items():
@@ -196,34 +259,69 @@ def test_serve_app_endpoints_bad_requests_and_index_swap(served_run):
         assert big.status_code == 413
         assert client.post("/v1/recommend", content=b"not json", headers={"content-type": "application/json"}
                            ).status_code == 422
-
-        # re-index while requests are in flight: none fails, and the new table version is served
-        before = known.json()["versions"]["index"]
-        failures, done = [], threading.Event()
-
-        def hammer():
-            while not done.is_set():
-                r = client.post("/v1/recommend", json={"user_id": "u2", "k": 5, "explain": False})
-                if r.status_code != 200:
-                    failures.append(r.status_code)
-
-        worker = threading.Thread(target=hammer)
-        worker.start()
-        build_index(served_run)
-        done.set()
-        worker.join()
-        assert not failures
-        deadline = time.time() + 10  # the index replica looks for a new version every second
-        after = client.post("/v1/recommend", json={"user_id": "u2", "k": 5}).json()
-        while after["versions"]["index"] == before and time.time() < deadline:
-            time.sleep(0.2)
-            after = client.post("/v1/recommend", json={"user_id": "u2", "k": 5}).json()
-        assert after["versions"]["index"] > before
-        assert {"resolve", "user_vector", "search", "index"} <= set(after["timings_ms"])
-        assert after["timings_ms"]["index"] <= after["timings_ms"]["search"] <= after["latency_ms"]
+        streamed = read_events(client, {"history": ["3", 4, "5"], "k": 3})
+        names = [name for name, _, _ in streamed]
+        assert names[0] == "items" and names[-1] == "explanation" and names.count("token") >= 2, names
+        assert streamed[-1][2] - streamed[0][2] > 0.01  # items arrived while the student was still writing
+        explanation = Explanation.model_validate(streamed[-1][1])
+        assert "".join(data["token"] for name, data, _ in streamed if name == "token").strip() == explanation.rationale
+        assert [name for name, _, _ in read_events(client, {"user_id": "u1", "k": 3})] == ["items", "explanation"]
+        assert client.post("/v1/recommend/stream", json={"user_id": "nobody"}).status_code == 404
+        for path in ("/v1/nothing", "/v1/items/abc"):  # unknown route, wrong type: the same error shape
+            assert set(client.get(path).json()) == {"error"}
+        assert check_contract(url) >= 100
         metrics = client.get("/metrics").text
         assert 'slim_requests_total{route="/v1/recommend",status="200"}' in metrics
         assert client.get("/healthz").status_code == 200  # still serving after every bad request
+
+
+def test_retrained_model_swaps_in_under_load_without_failures_or_mixed_versions(served_run, tmp_path):
+    """Retrain (other seed: other weights), publish while requests are in flight: no request fails, the
+    new bundle is served within seconds, and every response's items are exactly what the bundle
+    version it names gives (never the new model's user vector against the old item vectors)."""
+    import httpx
+
+    from slim_ray.serve_app import free_port, serving
+    from slim_ray.train import run_train
+
+    root = tmp_path / "run"
+    for part in ("prepared", "backfill", "models", "lancedb"):
+        shutil.copytree(served_run.run.output_dir / part, root / part)
+    cfg = served_run.model_copy(update={"run": served_run.run.model_copy(update={"output_dir": root})})
+    first = publish_bundle(cfg)["version"]
+    request = {"user_id": "u2", "k": 5, "explain": False}
+    responses, failures, done = [], [], threading.Event()
+    with serving(cfg, port=free_port(), student=False) as url:
+        client = httpx.Client(base_url=url, timeout=60)
+
+        def hammer():
+            while not done.is_set():
+                r = client.post("/v1/recommend", json=request)
+                (responses.append(r.json()) if r.status_code == 200 else failures.append(r.status_code))
+
+        worker = threading.Thread(target=hammer)
+        worker.start()
+        try:
+            retrained = cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": cfg.run.seed + 1})})
+            run_train(retrained)
+            second = publish_bundle(retrained)["version"]
+            deadline = time.time() + 20  # replicas look for a new version every serve.refresh_s
+            while not any(r["versions"]["bundle"] == second for r in responses[-5:]) and time.time() < deadline:
+                time.sleep(0.2)
+        finally:
+            done.set()
+            worker.join()
+    assert not failures and second == first + 1
+    served = {r["versions"]["bundle"] for r in responses}
+    assert served == {first, second}
+    expected = {}
+    for folder in root.glob("serving/.*.v-*"):  # the current and the previous version are both kept
+        bundle = Bundle(folder, 5, 10)
+        row = bundle.user_row["u2"]
+        expected[bundle.version] = [h["item_id"] for h in bundle.search(bundle.user_matrix[row], 5, bundle.seen[row])]
+    assert expected.keys() == {first, second} and expected[first] != expected[second]  # the weights differ
+    mixed = [r for r in responses if [i["item_id"] for i in r["items"]] != expected[r["versions"]["bundle"]]]
+    assert not mixed
 
 
 def test_serve_demo_runs_in_its_own_lane_beside_another_application(served_run):
