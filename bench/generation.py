@@ -30,7 +30,7 @@ ENGINES = {"naive_hf": "HF generate, batch 1 (naive loop)", "batched_hf": "HF ge
 # Thread settings of the actor's process, each measured (vLLM's CPU notes): our default is the first.
 ACTOR_ENVS = {"passive": {"OMP_WAIT_POLICY": "PASSIVE", "VLLM_CPU_OMP_THREADS_BIND": "nobind"},
               "active": {"OMP_WAIT_POLICY": "ACTIVE", "VLLM_CPU_OMP_THREADS_BIND": "nobind"},
-              "active_bound": {"OMP_WAIT_POLICY": "ACTIVE", "VLLM_CPU_OMP_THREADS_BIND": "all"}}
+              "active_bound": {"OMP_WAIT_POLICY": "ACTIVE", "VLLM_CPU_OMP_THREADS_BIND": "auto"}}
 
 
 def prompts(n: int) -> list[list[dict]]:
@@ -75,7 +75,7 @@ def run_engine(engine: str, model: str, conversations: list[list[dict]], max_new
 def in_actor(model: str, conversations: list[list[dict]], max_new_tokens: int, threads: int, env: dict,
              options: dict) -> dict:
     """The backfill's own StudentActor in a Ray Data pool: a warm-up batch of one prompt, then every prompt
-    in one batch; tok/s from that batch's generation time as the actor measures it (engine load apart)."""
+    in one batch (batch = block); tok/s from that batch's generation time as the actor measures it (engine load apart)."""
     import tempfile
 
     import pandas as pd
@@ -91,7 +91,7 @@ def in_actor(model: str, conversations: list[list[dict]], max_new_tokens: int, t
     with tempfile.TemporaryDirectory() as cache, ray_session(RayConfig(num_cpus=threads), env=env):
         start = time.perf_counter()
         out = ray.data.from_pandas([warm, frame]).map_batches(
-            StudentActor, batch_format="pandas", batch_size=len(frame), compute=ray.data.ActorPoolStrategy(size=1),
+            StudentActor, batch_format="pandas", batch_size=None, compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=threads, fn_constructor_kwargs={"engine": "vllm", "model_path": model, "threads": threads,
                                                      "max_new_tokens": max_new_tokens, "cache_dir": cache,
                                                      "vllm_options": options}).to_pandas()

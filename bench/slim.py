@@ -1,6 +1,7 @@
 """SLIM table v2 on ML-100k: every backbone without and with fusion, leak-free, seeds paired, p-values.
 
   python bench/slim.py --run-dir runs/slim7 --students bench/data/student_ml100k_v2 \
+      --fold-models runs/bench_teacher/local/models \
       --backbones SASRec --variants none slim title_oracle genre_oracle --seeds 1 2 3 4 5
   python bench/slim.py --run-dir runs/slim7 --audit          # the signal audit only (bench/signal_audit.py)
   python bench/slim.py --report-only                         # re-render BENCHMARKS.md from bench/results/slim.json
@@ -76,6 +77,9 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "slim7")
     parser.add_argument("--students", type=Path, default=None,
                         help="committed cross-fitted adapters (fold{k}/adapter + meta.json): build the run first")
+    parser.add_argument("--fold-models", type=Path, default=None, help="with --students: reuse these cross-fitted "
+                        "fold backbones (e.g. runs/bench_teacher/local/models, whose top items grounded the teacher set) "
+                        "instead of training them")
     parser.add_argument("--checkpoints", type=int, default=10, help="training checkpoints per user for --students "
                         "(data.checkpoints_per_user); an existing run keeps what its backfill was built with")
     parser.add_argument("--stride", type=int, default=None, help="items between training checkpoints "
@@ -106,7 +110,8 @@ def main() -> None:
     overrides = [f"data.checkpoints_per_user={args.checkpoints}", f"data.checkpoint_stride={stride}",
                  "train.shuffle_buffer=1000000"]  # full reshuffle
     if args.students:
-        build_run(args.run_dir, args.students, overrides + [f"backfill.max_new_tokens={args.max_new_tokens}"])
+        build_run(args.run_dir, args.students, overrides + [f"backfill.max_new_tokens={args.max_new_tokens}"],
+                  args.fold_models)
     if args.oracles_only:
         build_oracle_run(args.run_dir, overrides)
         if set(args.variants) - {"none", "text", *ORACLES}:
@@ -253,8 +258,9 @@ def fmt_p(p: float | None) -> str:
     return "n/a" if p is None else f"{p:.3f}"
 
 
-def build_run(run_dir: Path, students: Path, overrides: list[str]) -> None:
-    """prepare -> train-folds -> cross-fitted students from the committed adapters -> backfill."""
+def build_run(run_dir: Path, students: Path, overrides: list[str], fold_models: Path | None = None) -> None:
+    """prepare -> train-folds (or copies of `fold_models`) -> cross-fitted students from the committed
+    adapters -> backfill."""
     from slim_ray.artifacts import student_dir
     from slim_ray.backfill import run_backfill
     from slim_ray.candidates import fold_model_name
@@ -267,6 +273,10 @@ def build_run(run_dir: Path, students: Path, overrides: list[str]) -> None:
                                                          "train.epochs=8", *overrides])
     if not (cfg.prepared_dir / "stats.json").is_file():
         run_prepare(cfg.data, cfg.prepared_dir)
+    for fold in range(cfg.data.folds) if fold_models else []:
+        name = fold_model_name(cfg.train.backbone, fold, cfg.data.folds)
+        if not (cfg.model_dir(name) / "model.pt").is_file():
+            shutil.copytree(fold_models / name, cfg.model_dir(name))
     if not all((cfg.model_dir(fold_model_name(cfg.train.backbone, f, cfg.data.folds)) / "model.pt").is_file()
                for f in range(cfg.data.folds)):
         print("fold backbones:", run_train_folds(cfg), flush=True)

@@ -219,8 +219,9 @@ class BackfillConfig(_Section):
     cpus_per_actor: int = Field(2, ge=1, description="CPUs per student actor = its torch threads.")
     gpus_per_actor: float = Field(0, ge=0, description="1 on GPU nodes (vLLM on CUDA).")
     vllm_kv_cache_gb: int = Field(2, ge=1, description="KV cache of vLLM on CPU (VLLM_CPU_KVCACHE_SPACE).")
-    student_env: dict[str, str] = Field({}, description="Environment of the student actors' processes (thread "
-                                        "settings, e.g. OMP_WAIT_POLICY; bench/generation.py measures them).")
+    student_env: dict[str, str] = Field({"OMP_WAIT_POLICY": "ACTIVE"}, description="Environment of the student "
+                                        "actors' processes: spinning OpenMP threads measured 1.12x the passive "
+                                        "default of our workers for vLLM on CPU (bench/results/generation.json).")
     vllm_max_num_seqs: int | None = Field(None, ge=1, description="Sequences vLLM decodes together (None: its default).")
     vllm_max_num_batched_tokens: int | None = Field(None, ge=1, description="Tokens per vLLM scheduler step "
                                                     "(prefill chunk; None: its default).")
