@@ -187,14 +187,16 @@ def teach(
 def teacher_server(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
-    port: int = typer.Option(8011, help="Port on 127.0.0.1."),
+    port: int = typer.Option(8011, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Interface: 0.0.0.0 serves every node of a cluster (it prints "
+                             "the URL to set as teacher.base_url)."),
 ) -> None:
     """Serve the offline teacher (Qwen2.5-Coder-1.5B-Instruct GGUF, llama.cpp) until Ctrl-C."""
     from slim_ray.teacher_server import local_teacher
 
     def action() -> None:
         tc = _config(config, overrides).teacher
-        with local_teacher(tc.model, port, tc.server_threads, tc.server_ctx) as url:
+        with local_teacher(tc.model, port, tc.server_threads, tc.server_ctx, host=host) as url:
             console.print(f"teacher '{tc.model}' serving at [bold]{url}[/] (Ctrl-C to stop)")
             try:
                 while True:

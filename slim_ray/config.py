@@ -22,8 +22,19 @@ class _Section(BaseModel):
 
 class RunConfig(_Section):
     name: str = "ml100k"
-    output_dir: Path = Field(Path("runs/ml100k"), description="Everything a run writes lives here.")
+    output_dir: Path = Field(Path("runs/ml100k"), description="Everything a run writes lives here (relative: "
+                             "under storage_root when that is set).")
+    storage_root: Path | None = Field(
+        default_factory=lambda: Path(os.environ["SLIM_RAY_STORAGE"]) if os.environ.get("SLIM_RAY_STORAGE") else None,
+        description="A filesystem every node mounts (default: $SLIM_RAY_STORAGE, which the cluster manifests set): "
+        "a relative output_dir resolves against it, never against a job's temporary working directory.")
     seed: int = 42
+
+    @model_validator(mode="after")
+    def on_shared_storage(self) -> "RunConfig":
+        if self.storage_root is not None and not self.output_dir.is_absolute():
+            object.__setattr__(self, "output_dir", self.storage_root / self.output_dir)  # no re-validation loop
+        return self
 
 
 class RayConfig(_Section):

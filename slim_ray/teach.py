@@ -12,11 +12,13 @@ Output: RUN_DIR/teacher/{shards/*.parquet, ledger.json}, replaced atomically at 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -24,6 +26,7 @@ import pyarrow as pa
 
 from slim_ray.candidates import checkpoint_candidates
 from slim_ray.config import Config, TeacherConfig
+from slim_ray.errors import ConfigError
 from slim_ray.llm_api import ChatCaller, ResponseCache, TokenBucketLimiter, resolve_api_key
 from slim_ray.prefixes import checkpoint_rows
 from slim_ray.prompts import (
@@ -160,8 +163,7 @@ def teacher_endpoint(cfg: Config):
     from slim_ray import teacher_server
 
     tc = cfg.teacher
-    loopback = tc.base_url.startswith(("http://127.0.0.1", "http://localhost"))
-    if not (tc.launch_local and loopback) or teacher_server.is_up(tc.base_url):
+    if not (tc.launch_local and is_loopback(tc.base_url)) or teacher_server.is_up(tc.base_url):
         yield tc
         return
     log = cfg.run.output_dir / "teacher_server.log"
@@ -169,6 +171,24 @@ def teacher_endpoint(cfg: Config):
     with teacher_server.local_teacher(tc.model, teacher_server.port_of(tc.base_url), tc.server_threads,
                                       tc.server_ctx, log_path=log) as base_url:
         yield tc.model_copy(update={"base_url": base_url})
+
+
+def is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def check_reachable(base_url: str, node_ips: set[str]) -> None:
+    """A loopback teacher URL works only when every Ray node is this machine: refuse it before any request."""
+    if is_loopback(base_url) and len(node_ips) > 1:
+        raise ConfigError(
+            f"teacher.base_url {base_url} is a loopback address, but this Ray cluster spans {len(node_ips)} machines "
+            f"({', '.join(sorted(node_ips))}): teacher actors elsewhere would call their own machine. Give an address "
+            "every node reaches (e.g. run `slim-ray teacher-server` on one node and set teacher.base_url="
+            "http://THAT_NODE_IP:PORT/v1).")
 
 
 def run_teach(cfg: Config, num_samples: int | None = None) -> dict:
@@ -192,6 +212,7 @@ def _run_teach(cfg: Config, num_samples: int | None) -> dict:
     cache_dir = (tc.cache_dir or cfg.run.output_dir / "teacher_cache").resolve()
     start = time.perf_counter()
     with ray_session(cfg.ray):
+        check_reachable(tc.base_url, {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
         limiter = None
         if tc.requests_per_min or tc.tokens_per_min:
             limiter = ray.remote(num_cpus=0)(TokenBucketLimiter).remote(tc.requests_per_min, tc.tokens_per_min,

@@ -105,9 +105,10 @@ def is_up(base_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def server_command(model_path: Path, alias: str, port: int, threads: int, n_ctx: int) -> list[str]:
+def server_command(model_path: Path, alias: str, port: int, threads: int, n_ctx: int,
+                   host: str = "127.0.0.1") -> list[str]:
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", alias,
-            "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
+            "--host", host, "--port", str(port), "--n_threads", str(threads),
             "--n_ctx", str(n_ctx), "--verbose", "False"]
 
 
@@ -121,14 +122,15 @@ def _die_with_parent() -> None:
 
 @contextlib.contextmanager
 def local_teacher(alias: str, port: int, threads: int, n_ctx: int, log_path: Path | None = None,
-                  start_timeout_s: float = 300) -> Iterator[str]:
-    """Run the offline teacher for the duration of the block; yields its base_url."""
+                  start_timeout_s: float = 300, host: str = "127.0.0.1") -> Iterator[str]:
+    """Run the offline teacher for the duration of the block; yields its base_url: loopback, or with
+    host 0.0.0.0 this machine's address as other machines reach it (teacher.base_url of a cluster)."""
     ensure_llama_cpp_server()
     model = ensure_teacher_gguf()
-    base_url = f"http://127.0.0.1:{port}/v1"
+    base_url = f"http://127.0.0.1:{port}/v1"  # health checks stay local
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(server_command(model, alias, port, threads, n_ctx), stdout=log,
+    proc = subprocess.Popen(server_command(model, alias, port, threads, n_ctx, host), stdout=log,
                             stderr=subprocess.STDOUT, env=env, start_new_session=True,
                             preexec_fn=_die_with_parent)
     try:
@@ -140,7 +142,12 @@ def local_teacher(alias: str, port: int, threads: int, n_ctx: int, log_path: Pat
             if time.time() > deadline:
                 raise SlimRayError(f"the local teacher server did not answer within {start_timeout_s:.0f}s")
             time.sleep(1)
-        yield base_url
+        if host in ("0.0.0.0", "::"):
+            from ray.util import get_node_ip_address
+
+            yield f"http://{get_node_ip_address()}:{port}/v1"
+        else:
+            yield base_url if host == "127.0.0.1" else f"http://{host}:{port}/v1"
     finally:
         proc.terminate()
         try:

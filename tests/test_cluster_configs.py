@@ -17,28 +17,57 @@ def test_cluster_launcher_config_passes_rays_validation():
     validate_config(config)  # raises on any schema violation
     types = config["available_node_types"]
     assert config["head_node_type"] == "head" and types["head"]["resources"] == {"CPU": 0}
+    assert config["docker"]["image"] in IMAGES and types["gpu_worker"]["docker"]["worker_image"].endswith("-gpu")
+    assert "-v /mnt/shared:/mnt/shared" in config["docker"]["run_options"]
+    assert any("/mnt/shared" in c for c in config["initialization_commands"])
     assert types["gpu_worker"]["max_workers"] >= 1 and types["cpu_worker"]["min_workers"] == 0
 
 
+IMAGES = {"ghcr.io/your-org/slim-ray:2.60.0-cpu", "ghcr.io/your-org/slim-ray:2.60.0-gpu"}  # the Dockerfile's tags
+
+
 def _pod_specs(spec: dict) -> list[dict]:
+    """Every Ray group of a cluster spec, each checked: it mounts the shared volume at /mnt/shared, tells
+    slim-ray so (SLIM_RAY_STORAGE) and runs one of the Dockerfile's images."""
     groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
     for group in groups:
-        assert "rayStartParams" in group and group["template"]["spec"]["containers"]
+        pod = group["template"]["spec"]
+        assert "rayStartParams" in group and pod["containers"]
+        assert pod["volumes"] == [{"name": "shared", "persistentVolumeClaim": {"claimName": "slim-ray-shared"}}]
+        for container in pod["containers"]:
+            assert {"name": "shared", "mountPath": "/mnt/shared"} in container["volumeMounts"]
+            assert {"name": "SLIM_RAY_STORAGE", "value": "/mnt/shared"} in container["env"]
+            assert container["image"] in IMAGES
+    gpu = [g for g in groups if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])]
+    assert gpu and all(c["image"].endswith("-gpu") for g in gpu for c in g["template"]["spec"]["containers"])
     return groups
 
 
 def test_kuberay_manifests_are_complete():
     manifests = {p.name: yaml.safe_load(p.read_text()) for p in (ROOT / "cluster" / "kuberay").glob("*.yaml")}
-    assert {m["kind"] for m in manifests.values()} == {"RayCluster", "RayJob", "RayService"}
-    for manifest in manifests.values():
+    assert {m["kind"] for m in manifests.values()} == {"RayCluster", "RayJob", "RayService", "PersistentVolumeClaim"}
+    claim = manifests["shared-storage.yaml"]
+    assert claim["metadata"]["name"] == "slim-ray-shared" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    for manifest in (m for m in manifests.values() if m["kind"] != "PersistentVolumeClaim"):
         assert manifest["apiVersion"] == "ray.io/v1" and manifest["metadata"]["name"]
-    cluster = manifests["raycluster.yaml"]["spec"]
-    workers = _pod_specs(cluster)[1:]
-    assert any("nvidia.com/gpu" in c["resources"]["limits"] for w in workers for c in w["template"]["spec"]["containers"])
+    _pod_specs(manifests["raycluster.yaml"]["spec"])
     job = manifests["rayjob-pipeline.yaml"]["spec"]
     assert job["entrypoint"].startswith("python -m jobs.pipeline") and (ROOT / "jobs" / "pipeline.py").is_file()
+    assert "run.output_dir=runs/" in job["entrypoint"]  # relative: onto the shared volume
     _pod_specs(job["rayClusterSpec"])
     _pod_specs(manifests["rayservice.yaml"]["spec"]["rayClusterConfig"])
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "FROM ${BASE}" in dockerfile and "rayproject/ray:2.60.0" in dockerfile and "FLAVOR=gpu" in dockerfile
+
+
+def test_relative_run_folders_land_on_the_shared_storage(monkeypatch):
+    from slim_ray.config import load_config
+
+    monkeypatch.setenv("SLIM_RAY_STORAGE", "/mnt/shared")
+    assert load_config(None, ["run.output_dir=runs/ml100k"]).run.output_dir == Path("/mnt/shared/runs/ml100k")
+    assert load_config(None, ["run.output_dir=/data/run"]).run.output_dir == Path("/data/run")
+    monkeypatch.delenv("SLIM_RAY_STORAGE")
+    assert load_config(None, ["run.output_dir=runs/ml100k"]).run.output_dir == Path("runs/ml100k")
 
 
 def test_rayservice_serves_the_same_app_as_serve_configs():

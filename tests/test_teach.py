@@ -195,3 +195,18 @@ def test_candidates_come_from_the_fold_model_that_never_saw_the_user(ring_datase
     bad = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": tmp_path / "bad"})})
     with pytest.raises(DataError, match="not trained without fold 0"):
         checkpoint_candidates(rows, sequences, len(items) + 1, bad)
+
+
+def test_a_loopback_teacher_is_refused_on_a_cluster_of_several_machines():
+    """Teacher actors on another machine would call their own loopback: refused before any request; a
+    multi-node cluster on one machine (the local 2-node test) and a routable URL are fine."""
+    from slim_ray.errors import ConfigError
+    from slim_ray.teach import check_reachable, is_loopback
+
+    assert is_loopback("http://127.0.0.1:8011/v1") and is_loopback("http://localhost:8011/v1")
+    assert is_loopback("http://[::1]:8011/v1") and not is_loopback("http://10.0.0.5:8011/v1")
+    assert not is_loopback("https://api.openai.com/v1")
+    with pytest.raises(ConfigError, match="loopback address.*2 machines"):
+        check_reachable("http://127.0.0.1:8011/v1", {"10.0.0.4", "10.0.0.5"})
+    check_reachable("http://127.0.0.1:8011/v1", {"10.0.0.4"})
+    check_reachable("http://10.0.0.4:8011/v1", {"10.0.0.4", "10.0.0.5"})
