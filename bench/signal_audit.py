@@ -58,6 +58,34 @@ def oracle_backfill(workdir: Path, source: str) -> None:
     pq.write_table(pa.Table.from_pandas(rows, preserve_index=False).replace_schema_metadata(None), path)
 
 
+def teacher_backfill(workdir: Path, teacher_set: Path) -> None:
+    """SLIM⁻ (the paper's row): the teacher's own rationales, used directly on the users it covers, each at
+    the checkpoint it was written for (the text the student learns: distill.training_target), re-encoded;
+    every other checkpoint row is dropped, so the rest fuse no rationale. Leak-free like the student's:
+    written from s[:cut] with candidates from a fold backbone that never saw the user."""
+    from slim_ray.distill import training_target
+    from slim_ray.text_encoder import DEFAULT_ENCODER, load_encoder
+
+    path = workdir / "backfill" / "rationales.parquet"
+    rows = pd.read_parquet(path)
+    teacher = pd.read_parquet(teacher_set)
+    teacher = teacher[teacher["rationale"].notna()]
+    texts = {(int(r["user_id"]), int(r["cut"])): training_target(r) for r in teacher.to_dict("records")}
+    rows = rows[[(int(u), int(c)) in texts for u, c in zip(rows["user_id"], rows["cut"])]].reset_index(drop=True)
+    if len(rows) != len(texts):
+        raise SystemExit(f"{len(texts) - len(rows)} teacher checkpoints are not checkpoints of this run's backfill")
+    rows["rationale"] = [texts[(int(u), int(c))] for u, c in zip(rows["user_id"], rows["cut"])]
+    parsed = [parse_rationale(t) for t in rows["rationale"]]
+    rows["parsed"] = [p.parsed for p in parsed]
+    for n in range(3):
+        rows[f"step{n + 1}"] = [p.steps[n] for p in parsed]
+    encoder = load_encoder(DEFAULT_ENCODER, threads=2)
+    for column, text in zip(VECTOR_COLUMNS, ("rationale", "step1", "step2", "step3")):
+        rows[column] = list(encoder.encode([t or " " for t in rows[text]], batch_size=64,
+                                           normalize_embeddings=True).astype(np.float32))
+    pq.write_table(pa.Table.from_pandas(rows, preserve_index=False).replace_schema_metadata(None), path)
+
+
 def run_audit(run_dir: Path, teacher_set: Path, results: dict) -> dict:
     cfg = load_config(ROOT / "configs" / "ml100k.yaml", [f"run.output_dir={run_dir}", "teacher.candidates=backbone"])
     items = pd.read_parquet(run_dir / "prepared" / "items.parquet")

@@ -20,6 +20,8 @@ history masked and by 100 sampled negatives, cold-item slice, EFD/EPC):
   slim                  + the student's rationale of each row's latest checkpoint before its target
   slim_leaky            the pre-checkpoint design, measured beside it: every training row of a user gets
                         the valid prefix's rationale, which holds its target (train.leaky_baseline)
+  slim_minus            SLIM⁻, the paper's row: the teacher's own rationales (bench/data/teacher_ml100k_v2) used
+                        directly on the users it covers, at the checkpoints it wrote them for; other rows none
   dllm2rec, slim+dllm2rec  ranking + embedding distillation from the rationales' step-3 items
   text_match            ID-agnostic text matching (no backbone; the "ID-agnostic" row)
   title_oracle, genre_oracle  positive controls, benchmark only: each checkpoint's "rationale" is the
@@ -43,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, command, publish  # noqa: E402
-from signal_audit import ORACLES, oracle_backfill, run_audit  # noqa: E402
+from signal_audit import ORACLES, oracle_backfill, run_audit, teacher_backfill  # noqa: E402
 
 from slim_ray.config import all_positions_fits, load_config  # noqa: E402
 from slim_ray.fusion import uses_rationale  # noqa: E402
@@ -55,6 +57,7 @@ ID_AGNOSTIC = "ID-agnostic"  # the table's "backbone" for text_match: one linear
 VARIANTS = {  # variant -> (train.fusion, rationale source, extra overrides)
     "none": ("none", "student", []), "text": ("text", "student", []), "slim": ("slim", "student", []),
     "slim_leaky": ("slim", "student", ["train.leaky_baseline=true"]),
+    "slim_minus": ("slim", "teacher", []),
     "dllm2rec": ("dllm2rec", "student", []), "slim+dllm2rec": ("slim+dllm2rec", "student", []),
     "text_match": ("text_match", "student", []),
     "title_oracle": ("slim", "title_oracle", []), "genre_oracle": ("slim", "genre_oracle", []),
@@ -65,6 +68,7 @@ COMPARISONS = [
     ("slim_over_base_ndcg10", "slim", "none", "SLIM over the base"),
     ("text_over_base_ndcg10", "text", "none", "item texts only (+text) over the base"),
     ("slim_leaky_over_base_ndcg10", "slim_leaky", "none", "the old one-rationale-per-user design over the base"),
+    ("slim_minus_over_base_ndcg10", "slim_minus", "none", "SLIM⁻ (the teacher's rationales, on the users it covers) over the base"),
     ("dllm2rec_over_base_ndcg10", "dllm2rec", "none", "DLLM2Rec over the base"),
     ("slim_dllm2rec_over_slim_ndcg10", "slim+dllm2rec", "slim", "SLIM+DLLM2Rec over SLIM"),
     ("title_oracle_over_base_ndcg10", "title_oracle", "none", "the title oracle over the base"),
@@ -133,7 +137,7 @@ def main() -> None:
             if fusion == "text_match" and backbone != args.backbones[0]:
                 continue  # backbone-free: measured once
             if source not in workdirs:
-                workdirs[source] = stage(args.run_dir, ROOT / "runs" / f"bench_slim_{source}", source)
+                workdirs[source] = stage(args.run_dir, ROOT / "runs" / f"bench_slim_{source}", source, args.teacher_set)
             key = variant + (f"-{args.tag}" if args.tag else "")
             per_seed = {}
             fits = all_positions_fits(backbone, fusion, leaky_baseline="train.leaky_baseline=true" in extra)
@@ -151,7 +155,7 @@ def main() -> None:
                 per_seed[seed] = {"best_epoch": r["best_epoch"], "epochs_run": meta["epochs_run"],
                                   "text_row_share": guard["rows_with_rationale"] / guard["training_rows"] if guard else None,
                                   "leak_free": None if not uses_rationale(fusion) else
-                                  (source == "student" and bool(guard.get("leak_free"))),
+                                  (source in ("student", "teacher") and bool(guard.get("leak_free"))),
                                   **{f"{p}/{m}": r[p].get(m, float("nan")) for p, m in COLUMNS}}
             built = json.loads((args.run_dir / "backfill" / "manifest.json").read_text())["checkpoints"]
             setting = {"max_epochs": args.epochs, "patience": args.patience, "objective": objective,
@@ -324,9 +328,10 @@ def build_oracle_run(run_dir: Path, overrides: list[str]) -> None:
                         "by_split": rows["split"].value_counts().to_dict()}}, indent=2))
 
 
-def stage(run_dir: Path, workdir: Path, source: str) -> Path:
-    """A bench run folder with the run's prepared data and backfill ("student"), or the backfill with each
-    checkpoint's rationale replaced by an oracle text (ORACLES), re-encoded."""
+def stage(run_dir: Path, workdir: Path, source: str, teacher_set: Path) -> Path:
+    """A bench run folder with the run's prepared data and backfill ("student"), the teacher's rationales
+    at its checkpoints instead ("teacher", SLIM⁻), or each checkpoint's rationale replaced by an oracle
+    text (ORACLES), re-encoded."""
     for part in ("prepared", "backfill"):
         if not (run_dir / part).is_dir():
             sys.exit(f"{run_dir / part} is missing: build the run first (--students)")
@@ -334,6 +339,8 @@ def stage(run_dir: Path, workdir: Path, source: str) -> Path:
         shutil.copytree(run_dir / part, workdir / part)
     if source in ORACLES:
         oracle_backfill(workdir, source)
+    elif source == "teacher":
+        teacher_backfill(workdir, teacher_set)
     return workdir
 
 
