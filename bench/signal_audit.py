@@ -70,10 +70,16 @@ def teacher_backfill(workdir: Path, teacher_set: Path) -> None:
     rows = pd.read_parquet(path)
     teacher = pd.read_parquet(teacher_set)
     teacher = teacher[teacher["rationale"].notna()]
-    texts = {(int(r["user_id"]), int(r["cut"])): training_target(r) for r in teacher.to_dict("records")}
+    by_key = {(int(r["user_id"]), int(r["cut"])): r for r in teacher.to_dict("records")}
+    texts = {key: training_target(r) for key, r in by_key.items()}
     rows = rows[[(int(u), int(c)) in texts for u, c in zip(rows["user_id"], rows["cut"])]].reset_index(drop=True)
     if len(rows) != len(texts):
         raise SystemExit(f"{len(texts) - len(rows)} teacher checkpoints are not checkpoints of this run's backfill")
+    for row in rows.itertuples():  # the leak guard audits these rows: they must be what the teacher saw
+        seen = by_key[(int(row.user_id), int(row.cut))]
+        if list(seen["history_ids"]) != list(row.history_ids) or list(seen["candidate_ids"]) != list(row.candidate_ids):
+            raise SystemExit(f"user {row.user_id} at cut {row.cut}: the teacher's history or candidates differ from "
+                             "this run's (another preparation or other fold backbones: use --fold-models)")
     rows["rationale"] = [texts[(int(u), int(c))] for u, c in zip(rows["user_id"], rows["cut"])]
     parsed = [parse_rationale(t) for t in rows["rationale"]]
     rows["parsed"] = [p.parsed for p in parsed]

@@ -32,6 +32,7 @@ from slim_ray.candidates import checkpoint_candidates
 from slim_ray.config import BackfillConfig, Config
 from slim_ray.llm_api import ResponseCache
 from slim_ray.prefixes import checkpoint_rows, fold_of
+from slim_ray.progress import progress_channel, report
 from slim_ray.prompts import parse_rationale, prompt_hash, student_messages
 from slim_ray.storage import load_prepared, model_version, vectors_table, write_atomic_dir
 from slim_ray.text_encoder import load_encoder
@@ -71,12 +72,13 @@ class StudentActor:
     """Generates a batch of uncached prompts; each completion goes to the cache as its batch ends."""
 
     def __init__(self, engine: str, model_path: str, threads: int, max_new_tokens: int, cache_dir: str,
-                 use_gpu: bool = False, vllm_options: dict | None = None):
+                 use_gpu: bool = False, vllm_options: dict | None = None, progress=None, label: str = ""):
         from slim_ray.student import make_generator
 
         # Built here, before the first batch, so that a batch's time is generation alone.
         self.generator = make_generator(engine, model_path, threads, use_gpu, **(vllm_options or {}))
         self.max_new_tokens, self.cache = max_new_tokens, ResponseCache(Path(cache_dir))
+        self.progress, self.label = progress, label
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         """batch: unique keys and their prompts -> key, rationale, completion_tokens, generation_s."""
@@ -85,6 +87,8 @@ class StudentActor:
         seconds = time.perf_counter() - start
         for key, text, n in zip(batch["key"], texts, tokens):
             self.cache.put(key, {"text": text, "completion_tokens": n})
+        report(self.progress, f"backfill {self.label}: {len(batch)} rationales in {seconds:.0f} s "
+                              f"({sum(tokens) / max(seconds, 1e-9):.0f} generated tok/s)")
         return pd.DataFrame({"key": batch["key"], "rationale": texts, "completion_tokens": tokens,
                              "generation_s": np.where(np.arange(len(batch)) == 0, seconds, 0.0)})  # once a batch
 
@@ -180,7 +184,7 @@ def run_backfill(cfg: Config) -> dict:
 
     new_rows, new_items = todo.iloc[:0], todo_items.iloc[:0]
     cache = ResponseCache((out_dir.parent / "backfill_cache").resolve())
-    with ray_session(cfg.ray, env={"OMP_NUM_THREADS": str(threads)}):
+    with ray_session(cfg.ray, env={"OMP_NUM_THREADS": str(threads)}), progress_channel() as progress:
         generated = []
         for fold, path in paths.items():  # one student at a time: each pool holds all the CPUs
             cached, part = from_cache(todo[todo["student_holdout_fold"] == label[fold]], cache)
@@ -200,7 +204,8 @@ def run_backfill(cfg: Config) -> dict:
                 fn_constructor_kwargs={
                     "engine": bc.engine, "model_path": path, "threads": threads,
                     "max_new_tokens": bc.max_new_tokens, "cache_dir": str(cache.root),
-                    "use_gpu": bc.gpus_per_actor > 0, "vllm_options": vllm_options(bc)},
+                    "use_gpu": bc.gpus_per_actor > 0, "vllm_options": vllm_options(bc), "progress": progress,
+                    "label": f"student {'all' if fold is None else f'without fold {fold}'} ({len(unique)} prompts)"},
             ).to_pandas().set_index("key")  # generation finishes (and frees its CPUs) before the next student
             first = ~part["key"].duplicated()
             generated.append(part.assign(
@@ -225,7 +230,8 @@ def run_backfill(cfg: Config) -> dict:
         "candidates": cfg.teacher.candidates,
         "generated": generated_rows, "from_cache": len(new_rows) - generated_rows, "reused": len(reused),
         "items_encoded": len(new_items), "items_reused": len(reused_items), "completion_tokens": tokens,
-        # wall: Ray start, engine loads, generation and encoding; generation: inside the engine calls only
+        # wall: Ray start, engine loads, generation and encoding; generation: inside the engine calls only,
+        # summed over batches (with several actors in parallel, tokens/s is then a per-actor rate)
         "wall_s": wall_s, "generation_s": generation_s,
         "generation_tokens_per_s": tokens / generation_s if generation_s else None,
         "parse_rate": float(rows["parsed"].mean()) if len(rows) else 0.0,

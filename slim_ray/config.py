@@ -32,8 +32,10 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def on_shared_storage(self) -> "RunConfig":
-        if self.storage_root is not None and not self.output_dir.is_absolute():
-            object.__setattr__(self, "output_dir", self.storage_root / self.output_dir)  # no re-validation loop
+        if self.storage_root is not None:  # absolute, so a dumped and reloaded config resolves to the same place
+            object.__setattr__(self, "storage_root", self.storage_root.resolve())  # no re-validation loop
+            if not self.output_dir.is_absolute():
+                object.__setattr__(self, "output_dir", self.storage_root / self.output_dir)
         return self
 
 
@@ -45,8 +47,9 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(2, description="CPUs of the local Ray instance (None: all).")
     object_store_memory_mb: int | None = Field(1024, description="Local object store size.")
     temp_dir: str | None = Field(None, description="Ray session dir of a local instance.")
-    verbose: bool = Field(False, description="Stream Ray worker logs and Ray Data progress bars to "
-                          "the console (errors are raised either way).")
+    verbose: bool = Field(False, description="Stream Ray worker logs to the console (errors are raised "
+                          "either way; every stage prints its own per-epoch / per-batch lines regardless).")
+    progress_bars: bool = Field(True, description="Ray Data progress bars on the console.")
 
 
 class DataConfig(_Section):

@@ -166,7 +166,7 @@ def distill_loop_per_worker(config: dict) -> None:
             save_file(adapter, str(folder / "adapter" / "adapter_model.safetensors"))
             engine.module.peft_config["default"].save_pretrained(str(folder / "adapter"))
 
-        report_epoch(engine, metrics, state, write)
+        report_epoch(engine, metrics, state, write, config["progress"], f"distill {config['label']}")
 
 
 def run_distill(cfg: Config, resume: bool = False) -> dict:
@@ -206,6 +206,7 @@ def _distill(cfg: Config, rows: pd.DataFrame, name: str, out_dir: Path, resume: 
     from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoTokenizer
 
+    from slim_ray.progress import progress_channel
     from slim_ray.ray_session import ray_session
 
     dc = cfg.distill
@@ -221,11 +222,12 @@ def _distill(cfg: Config, rows: pd.DataFrame, name: str, out_dir: Path, resume: 
     if not resume:
         shutil.rmtree(storage / name, ignore_errors=True)
     env = worker_env(dc.use_gpu, dc.cpus_per_worker)
-    with ray_session(cfg.ray, env=env):
+    with ray_session(cfg.ray, env=env), progress_channel() as progress:
         trainer = TorchTrainer(
             distill_loop_per_worker,
             train_loop_config={"distill": dc.model_dump(mode="json"), "seed": cfg.run.seed, "base_path": base_path,
-                               "init_adapter": init_adapter(dc, holdout_fold),
+                               "init_adapter": init_adapter(dc, holdout_fold), "progress": progress,
+                               "label": f"{name} (max {dc.epochs} epochs)",
                                "pad_id": pad_id, "valid": valid},
             torch_config=TorchConfig(backend="nccl" if dc.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from slim_ray.config import cache_root
+from slim_ray.progress import report
 
 
 def worker_env(use_gpu: bool, threads: int) -> dict[str, str]:
@@ -114,12 +115,17 @@ def restore_state(engine: Engine, load_weights: Callable[[Path], None], initial:
         return json.loads(Path(folder, "state.json").read_text())
 
 
-def report_epoch(engine: Engine, metrics: dict, state: dict, write_files: Callable[[Path], None]) -> None:
-    """Report metrics + a checkpoint: rank 0 writes state and files, every DeepSpeed rank its shard."""
+def report_epoch(engine: Engine, metrics: dict, state: dict, write_files: Callable[[Path], None],
+                 progress=None, label: str = "") -> None:
+    """Report metrics + a checkpoint: rank 0 writes state and files, every DeepSpeed rank its shard;
+    rank 0 also sends the epoch's line to the driver's console (slim_ray.progress)."""
     import ray.train
     from ray.train import Checkpoint
 
     rank = ray.train.get_context().get_world_rank()
+    if rank == 0:
+        report(progress, f"{label} epoch {metrics['epoch']}: " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k != "epoch"))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if engine.deep or rank == 0:

@@ -11,3 +11,11 @@ class ConfigError(SlimRayError):
 
 class DataError(SlimRayError):
     pass
+
+
+class RequestError(Exception):
+    """A bad request to the serving API: becomes a 4xx/503 JSON error; the service keeps serving."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason

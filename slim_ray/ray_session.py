@@ -57,7 +57,7 @@ def ray_session(cfg: RayConfig, env: dict[str, str] | None = None) -> Iterator[d
                  runtime_env={"env_vars": {**WORKER_ENV, **quiet, **(env or {})}}, **logging)
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.verbose
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress_bars
     session = {"address": ray.get_runtime_context().gcs_address, "started_here": not address, "local": not address}
     if address:
         yield session

@@ -2,8 +2,9 @@
 
   publish_bundle  one version of everything a replica serves, published together: the model weights,
                   its item vectors (LanceDB table `items`, ANN-indexed above serve.exact_max_items), every
-                  known user's vector and seen items (table `users`), and the pinned version of the
-                  backfill's LanceDB `rationales` table. RUN_DIR/serving/MODEL flips to it atomically.
+                  known user's vector, seen items and newest backfilled rationale (table `users`, read
+                  from the backfill's LanceDB `rationales` table at a pinned version). RUN_DIR/serving/MODEL
+                  flips to it atomically.
   Bundle          one loaded version: resolve a request, user vectors (precomputed for known users),
                   search (exact in memory with a seen-item mask; LanceDB ANN with over-fetch and a
                   post-filter above serve.exact_max_items)
@@ -27,23 +28,16 @@ from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from slim_ray.config import Config
-from slim_ray.errors import DataError
+from slim_ray.errors import DataError, RequestError
 from slim_ray.storage import load_prepared, vectors_table, write_atomic_dir
 
 log = logging.getLogger(__name__)
 REFINE_FACTOR = 5  # ANN: re-rank 5 x k scalar-quantized candidates with the full vectors
 RATIONALE_COLUMNS = ["user_id", "cut", "rationale", "step1", "step2", "step3", "model_version", "candidate_ids"]
-
-
-class RequestError(Exception):
-    """A bad request: becomes a 4xx JSON error; the service keeps serving."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status, self.reason = status, reason
 
 
 # ---------------------------------------------------------------- publishing
@@ -74,6 +68,11 @@ def publish_bundle(cfg: Config) -> dict:
             embedding=list(model.item_vectors()[1:].numpy().astype(np.float32)))
     backfill = cfg.run.output_dir / "backfill" / "manifest.json"
     lance = json.loads(backfill.read_text()).get("lancedb") if backfill.is_file() else None
+    pin = None if lance is None else {"uri": str(Path(lance["uri"]).resolve()), "version": lance["versions"]["rationales"]}
+    # Each user's newest backfilled rationale, read from the backfill's LanceDB table at this version and
+    # copied in: the bundle needs nothing outside itself.
+    cached = pinned_rationales(pin)
+    explained = [cached.get(int(u)) for u in users["user_id"]]
     target = cfg.serving_dir
     previous = json.loads((target / "bundle.json").read_text())["version"] if (target / "bundle.json").is_file() else 0
     exact = len(items) <= cfg.serve.exact_max_items
@@ -81,8 +80,7 @@ def publish_bundle(cfg: Config) -> dict:
                 "items": len(items), "users": len(users), "dim": int(item_frame["embedding"].iloc[0].shape[0]),
                 "text_dim": None if text is None else int(text.shape[1]),
                 "search": "exact" if exact else "ann", "index_type": None if exact else "IVF_HNSW_SQ",
-                "rationales": None if lance is None else {"uri": str(Path(lance["uri"]).resolve()),
-                                                           "version": lance["versions"]["rationales"]},
+                "rationales": pin, "explained_users": sum(e is not None for e in explained),
                 "published_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def write(folder: Path) -> None:
@@ -93,7 +91,12 @@ def publish_bundle(cfg: Config) -> dict:
                                                             ["embedding"]))
         if not exact:
             index_vectors(table, len(items))
-        db.create_table("users", data=vectors_table(users, ["user_id", "raw_user_id", "seen"], ["embedding"]))
+        table = vectors_table(users, ["user_id", "raw_user_id", "seen"], ["embedding"])
+        for name, key, kind in (("rationale", "rationale", pa.string()), ("steps", "steps", pa.list_(pa.string())),
+                                ("student_version", "model_version", pa.string()),
+                                ("candidates", "candidates", pa.list_(pa.int64()))):  # typed: all may be null
+            table = table.append_column(name, pa.array([e and e[key] for e in explained], type=kind))
+        db.create_table("users", data=table)
         (folder / "bundle.json").write_text(json.dumps(manifest, indent=2))
 
     write_atomic_dir(target, write)
@@ -154,7 +157,10 @@ class Bundle:
         self.user_ids = users.column("user_id").to_numpy()
         self.seen = users.column("seen").to_pylist()
         self.user_matrix = np.stack(users.column("vector").to_numpy(zero_copy_only=False))
-        self.rationales = pinned_rationales(self.manifest["rationales"])
+        self.rationales = {int(u["user_id"]): {"rationale": u["rationale"], "steps": u["steps"],
+                                               "model_version": u["student_version"], "candidates": u["candidates"]}
+                           for u in users.select(["user_id", "rationale", "steps", "student_version", "candidates"]
+                                                 ).to_pylist() if u["rationale"] is not None}
 
     def item(self, item_id: int) -> dict:
         if item_id not in self.items.index:
@@ -231,12 +237,10 @@ def pinned_rationales(pin: dict | None) -> dict[int, dict]:
     table = lancedb.connect(pin["uri"]).open_table("rationales")
     table.checkout(pin["version"])
     newest: dict[int, dict] = {}
-    for r in table.to_arrow().select(RATIONALE_COLUMNS).to_pylist():
-        if r["user_id"] not in newest or r["cut"] > newest[r["user_id"]]["cut"]:
-            newest[r["user_id"]] = r
-    return {int(u): {"rationale": r["rationale"], "steps": [r["step1"], r["step2"], r["step3"]],
-                     "model_version": r["model_version"], "candidates": [int(c) for c in r["candidate_ids"]]}
-            for u, r in newest.items()}
+    for r in sorted(table.to_arrow().select(RATIONALE_COLUMNS).to_pylist(), key=lambda r: r["cut"]):
+        newest[int(r["user_id"])] = {"rationale": r["rationale"], "steps": [r["step1"], r["step2"], r["step3"]],
+                                     "model_version": r["model_version"], "candidates": [int(c) for c in r["candidate_ids"]]}
+    return newest
 
 
 class BundleWatcher:
@@ -249,22 +253,23 @@ class BundleWatcher:
         if not (self.link / "bundle.json").is_file():
             raise DataError(f"no published bundle at {self.link} (run `slim-ray index` first)")
         self.bundle = Bundle(self.link.resolve(), *self.args)
-        self.checked_at, self.loading = time.monotonic(), False
+        self.checked_at, self.loading, self.failed = time.monotonic(), False, None
 
     def current(self) -> Bundle:
         now = time.monotonic()
         if now - self.checked_at >= self.refresh_s and not self.loading:
-            self.checked_at = now
-            if self.link.resolve() != self.bundle.folder:
+            self.checked_at, target = now, self.link.resolve()
+            if target not in (self.bundle.folder, self.failed):  # a broken version is not retried
                 self.loading = True
-                threading.Thread(target=self._swap, daemon=True).start()
+                threading.Thread(target=self._swap, args=(target,), daemon=True).start()
         return self.bundle
 
-    def _swap(self) -> None:
+    def _swap(self, folder: Path) -> None:
         try:
-            self.bundle = Bundle(self.link.resolve(), *self.args)
-        except Exception:  # e.g. a version removed by two quick publishes: retried at the next check
-            log.exception("loading the newly published bundle failed; still serving version %s", self.bundle.version)
+            self.bundle = Bundle(folder, *self.args)
+        except Exception:  # e.g. removed by two quick publishes: the next publish is tried
+            self.failed = folder
+            log.exception("loading bundle %s failed; still serving version %s", folder, self.bundle.version)
         finally:
             self.loading = False
 
@@ -283,13 +288,15 @@ class StudentCore:
         self.generator = make_generator(engine, path, threads=1)
         self.encoder = load_encoder(cfg.backfill.encoder, threads=1)
         self.max_new_tokens = cfg.backfill.max_new_tokens
+        self.engine_lock = threading.Lock()  # batched and streamed calls come from several threads; engines are not thread-safe
 
     def explain_batch(self, requests: list[tuple[list[dict], list[dict]]]) -> list[dict]:
         """Fresh rationales of (history items, candidate items) pairs, generated together."""
         from slim_ray.prompts import parse_rationale, student_messages
 
-        texts, _ = self.generator.generate([student_messages(h, c, self.domain) for h, c in requests],
-                                           self.max_new_tokens)
+        with self.engine_lock:
+            texts, _ = self.generator.generate([student_messages(h, c, self.domain) for h, c in requests],
+                                               self.max_new_tokens)
         vectors = self.encoder.encode(texts, normalize_embeddings=True).astype(np.float32)
         return [{"rationale": text, "steps": parse_rationale(text).steps, "vector": vector.tolist(),
                  "model_version": self.version, "candidates": [int(c["item_id"]) for c in candidates]}
@@ -303,9 +310,10 @@ class StudentCore:
         from slim_ray.prompts import parse_rationale, student_messages
 
         pieces = []
-        for piece in self.generator.stream(student_messages(history, candidates, self.domain), self.max_new_tokens):
-            pieces.append(piece)
-            yield {"token": piece}
+        with self.engine_lock:
+            for piece in self.generator.stream(student_messages(history, candidates, self.domain), self.max_new_tokens):
+                pieces.append(piece)
+                yield {"token": piece}
         text = "".join(pieces).strip()
         vector = self.encoder.encode([text], normalize_embeddings=True)[0].astype(np.float32)
         yield {"explanation": {"rationale": text, "steps": parse_rationale(text).steps, "vector": vector.tolist(),
@@ -354,23 +362,27 @@ async def recommend(bundle: Bundle, explain_fn, vector_fn, user_id: str | None, 
 
 
 async def recommend_stream(bundle: Bundle, stream_fn, vector_fn, user_id: str | None, history: list[str] | None,
-                           k: int, exclude_seen: bool) -> AsyncIterator[tuple[str, dict]]:
+                           k: int, exclude_seen: bool, explain: bool = True) -> AsyncIterator[tuple[str, dict]]:
     """The streamed flow: ("items", ...) at once, then for a fresh rationale ("token", ...) pieces as the
     student writes, then ("explanation", ...) in the shape `recommend` returns. Items come before the
     rationale exists, so a SLIM-fused model scores a raw history here without one (as it picks the
-    rationale's candidates); `recommend` waits for the rationale and scores with it. Bad requests raise
-    RequestError before the first event."""
+    rationale's candidates); `recommend` waits for the rationale and scores with it. Bad requests (and a
+    needed student that is not deployed: stream_fn None) raise RequestError before the first event."""
     item_ids, row = bundle.resolve(user_id, history)
     if not item_ids:
         raise RequestError(422, "the history is empty")
     cached = bundle.cached_rationale(row)
+    if explain and cached is None and stream_fn is None:
+        raise RequestError(503, "no student deployment: explanations for new histories are off")
     vector = bundle.user_matrix[row] if row is not None else await vector_fn(bundle, item_ids, None)
     exclude = item_ids if exclude_seen else []
     items = bundle.search(vector, k, exclude) if bundle.exact else await asyncio.to_thread(bundle.search, vector, k, exclude)
 
     async def events() -> AsyncIterator[tuple[str, dict]]:
-        yield "items", {"items": items, "rationale_source": "cached" if cached is not None else "fresh",
+        yield "items", {"items": items, "rationale_source": None if not explain else "cached" if cached is not None else "fresh",
                         "versions": {"bundle": bundle.version, "model": bundle.manifest["model"]}}
+        if not explain:
+            return
         if cached is not None:
             yield "explanation", dict(cached)
             return

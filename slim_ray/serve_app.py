@@ -27,8 +27,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from ray import serve
 
 from slim_ray.config import Config, load_config
-from slim_ray.errors import ConfigError
-from slim_ray.serve import BundleWatcher, RequestError, StudentCore, recommend, recommend_stream
+from slim_ray.errors import ConfigError, RequestError
+from slim_ray.serve import BundleWatcher, StudentCore, recommend, recommend_stream
 
 MAX_BODY_BYTES = 64 * 1024
 DEMO_APP = "slim-demo"  # the pipeline's demo: never the name or route of a production app
@@ -131,8 +131,11 @@ class Student:
     async def stream(self, history: list, candidates: list):
         """Called with stream=True: the rationale's pieces as they are written, then the explanation."""
         parts = self.core.stream(history, candidates)
-        while (part := await asyncio.to_thread(next, parts, None)) is not None:
-            yield part
+        try:
+            while (part := await asyncio.to_thread(next, parts, None)) is not None:
+                yield part
+        finally:  # a client that went away stops the generation
+            await asyncio.to_thread(parts.close)
 
 
 api = FastAPI(title="slim-ray recommend-and-explain", version="1",
@@ -215,15 +218,12 @@ class RecommendAPI:
               "`token` ({text} pieces of a fresh rationale as the student writes it), `explanation` (the Explanation)."},
         **errors(400, 404, 413, 422, 503)})
     async def recommend_stream(self, body: RecommendRequest):
-        if self.student is None and body.history is not None:
-            raise RequestError(503, "no student deployment: explanations for new histories are off")
-
         async def stream(history, candidates):
             async for part in self.student.options(stream=True).stream.remote(history, candidates):
                 yield part
 
-        events = await recommend_stream(self.bundles.current(), stream, self.vectors, *body.source(), body.k,
-                                        body.exclude_seen)
+        events = await recommend_stream(self.bundles.current(), stream if self.student is not None else None,
+                                        self.vectors, *body.source(), body.k, body.exclude_seen, body.explain)
         return StreamingResponse((f"event: {name}\ndata: {json.dumps(data)}\n\n" async for name, data in events),
                                  media_type="text/event-stream")
 

@@ -122,22 +122,38 @@ class HFGenerator:
 
 
     def stream(self, conversation: list[dict], max_new_tokens: int = 256) -> Iterator[str]:
-        """Greedy generation of one conversation, yielding the text as it is decoded."""
+        """Greedy generation of one conversation, yielding the text as it is decoded. An error in the
+        generating thread is raised here; closing the iterator early stops the generation."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         enc = self.tokenizer(self.prompts([conversation]), return_tensors="pt", add_special_tokens=False).to(self.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        stop, errors = threading.Event(), []
+
+        class Stopped(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
         def run() -> None:
-            with torch.no_grad():
-                self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
+            try:
+                with torch.no_grad():
+                    self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                                        pad_token_id=self.tokenizer.pad_token_id,
+                                        stopping_criteria=StoppingCriteriaList([Stopped()]))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                errors.append(exc)
+                streamer.end()
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        yield from (text for text in streamer if text)
-        worker.join()
+        try:
+            yield from (text for text in streamer if text)
+        finally:
+            stop.set()
+            worker.join()
+        if errors:
+            raise errors[0]
 
 
 class VLLMGenerator:

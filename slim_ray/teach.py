@@ -29,6 +29,7 @@ from slim_ray.config import Config, TeacherConfig
 from slim_ray.errors import ConfigError
 from slim_ray.llm_api import ChatCaller, ResponseCache, TokenBucketLimiter, resolve_api_key
 from slim_ray.prefixes import checkpoint_rows
+from slim_ray.progress import progress_channel, report
 from slim_ray.prompts import (
     PROMPT_VERSION, TitleIndex, aspect_vocabulary, named_aspects, prompt_hash, student_messages, teacher_messages,
     validate,
@@ -103,7 +104,7 @@ class TeacherActor:
     """Ray Data actor: calls the teacher for a batch of request rows, `concurrency` at a time."""
 
     def __init__(self, teacher: dict, cache_dir: str, item_ids: list[int], titles: list[str],
-                 vocabulary: list[str], limiter=None):
+                 vocabulary: list[str], limiter=None, progress=None):
         tc = TeacherConfig(**teacher)
         self.tc = tc
         self.caller = ChatCaller(tc.base_url, tc.model, resolve_api_key(tc.api_key_env, tc.base_url),
@@ -112,6 +113,7 @@ class TeacherActor:
                                  cache=ResponseCache(Path(cache_dir)), limiter=limiter)
         self.pool = ThreadPoolExecutor(tc.concurrency)
         self.index, self.vocabulary = TitleIndex.from_items(item_ids, titles), vocabulary
+        self.progress = progress
 
     def _one(self, row: dict) -> dict:
         result = asdict(self.caller.call(json.loads(row["teacher_messages"]), row["cache_key"],
@@ -121,6 +123,8 @@ class TeacherActor:
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
         rows = list(self.pool.map(self._one, batch.to_dict("records")))
+        report(self.progress, f"teach: {len(rows)} rationales ({sum(bool(r.get('from_cache')) for r in rows)} from cache, "
+                              f"{sum(bool(r.get('parsed')) for r in rows)} in the 3-step format)")
         return pa.Table.from_pylist([{k: _plain(r.get(k)) for k in OUTPUT_SCHEMA.names} for r in rows],
                                     schema=OUTPUT_SCHEMA)
 
@@ -181,12 +185,16 @@ def is_loopback(url: str) -> bool:
         return host == "localhost"
 
 
-def check_reachable(base_url: str, node_ips: set[str]) -> None:
-    """A loopback teacher URL works only when every Ray node is this machine: refuse it before any request."""
-    if is_loopback(base_url) and len(node_ips) > 1:
+def check_reachable(base_url: str, node_ips: set[str], local_cpus: float = 1.0) -> None:
+    """A loopback teacher URL works only when every teacher actor runs on this machine: refuse it before any
+    request when the cluster spans several machines, or when this node has no CPUs (a head with num-cpus 0:
+    the actors go to workers, which an autoscaler may not have started yet)."""
+    if is_loopback(base_url) and (len(node_ips) > 1 or local_cpus <= 0):
+        where = (f"spans {len(node_ips)} machines ({', '.join(sorted(node_ips))})" if len(node_ips) > 1
+                 else "runs its actors on other machines (this node has no CPUs)")
         raise ConfigError(
-            f"teacher.base_url {base_url} is a loopback address, but this Ray cluster spans {len(node_ips)} machines "
-            f"({', '.join(sorted(node_ips))}): teacher actors elsewhere would call their own machine. Give an address "
+            f"teacher.base_url {base_url} is a loopback address, but this Ray cluster {where}: teacher actors "
+            "elsewhere would call their own machine. Give an address "
             "every node reaches (e.g. run `slim-ray teacher-server` on one node and set teacher.base_url="
             "http://THAT_NODE_IP:PORT/v1).")
 
@@ -211,15 +219,18 @@ def _run_teach(cfg: Config, num_samples: int | None) -> dict:
                               stats["domain"])
     cache_dir = (tc.cache_dir or cfg.run.output_dir / "teacher_cache").resolve()
     start = time.perf_counter()
-    with ray_session(cfg.ray):
-        check_reachable(tc.base_url, {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+    with ray_session(cfg.ray), progress_channel() as progress:
+        here = ray.get_runtime_context().get_node_id()
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        check_reachable(tc.base_url, {n["NodeManagerAddress"] for n in alive},
+                        next((n["Resources"].get("CPU", 0.0) for n in alive if n["NodeID"] == here), 1.0))
         limiter = None
         if tc.requests_per_min or tc.tokens_per_min:
             limiter = ray.remote(num_cpus=0)(TokenBucketLimiter).remote(tc.requests_per_min, tc.tokens_per_min,
                                                                           tc.rate_burst_s)
         actor_kwargs = {"teacher": tc.model_dump(mode="json"), "cache_dir": str(cache_dir),
                         "item_ids": items["item_id"].tolist(), "titles": items["title"].tolist(),
-                        "vocabulary": aspect_vocabulary(items), "limiter": limiter}
+                        "vocabulary": aspect_vocabulary(items), "limiter": limiter, "progress": progress}
 
         def answered(part: pd.DataFrame):
             ds = ray.data.from_pandas(part).repartition(max(1, len(part) // tc.batch_size))

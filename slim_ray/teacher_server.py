@@ -127,7 +127,8 @@ def local_teacher(alias: str, port: int, threads: int, n_ctx: int, log_path: Pat
     host 0.0.0.0 this machine's address as other machines reach it (teacher.base_url of a cluster)."""
     ensure_llama_cpp_server()
     model = ensure_teacher_gguf()
-    base_url = f"http://127.0.0.1:{port}/v1"  # health checks stay local
+    wildcard = host in ("0.0.0.0", "::")
+    base_url = f"http://{'127.0.0.1' if wildcard else host}:{port}/v1"  # where this process checks it
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(server_command(model, alias, port, threads, n_ctx, host), stdout=log,
@@ -142,12 +143,12 @@ def local_teacher(alias: str, port: int, threads: int, n_ctx: int, log_path: Pat
             if time.time() > deadline:
                 raise SlimRayError(f"the local teacher server did not answer within {start_timeout_s:.0f}s")
             time.sleep(1)
-        if host in ("0.0.0.0", "::"):
+        if wildcard:  # every interface: advertise the one other machines reach
             from ray.util import get_node_ip_address
 
             yield f"http://{get_node_ip_address()}:{port}/v1"
         else:
-            yield base_url if host == "127.0.0.1" else f"http://{host}:{port}/v1"
+            yield base_url
     finally:
         proc.terminate()
         try:

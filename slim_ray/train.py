@@ -175,7 +175,8 @@ def train_loop_per_worker(config: dict) -> None:
                    "valid_hr@10": valid["full"]["hr@10"], "steps": steps, "train_s": round(train_s, 1),
                    "valid_s": round(time.perf_counter() - epoch_start - train_s, 1)}
         state["history"].append(metrics)
-        report_epoch(engine, metrics, state, lambda folder: torch.save(weights, folder / "model.pt"))
+        report_epoch(engine, metrics, state, lambda folder: torch.save(weights, folder / "model.pt"),
+                     config["progress"], f"train {config['label']}")
         if state["bad_epochs"] >= tc.patience:
             break
 
@@ -189,6 +190,7 @@ def run_train(cfg: Config, resume: bool = False, holdout_fold: int | None = None
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from slim_ray.progress import progress_channel
     from slim_ray.ray_session import ray_session
 
     tc = cfg.train
@@ -220,13 +222,14 @@ def run_train(cfg: Config, resume: bool = False, holdout_fold: int | None = None
         shutil.rmtree(storage / name, ignore_errors=True)
     env = worker_env(tc.use_gpu, tc.cpus_per_worker)
     start = time.perf_counter()
-    with ray_session(cfg.ray, env=env):
+    with ray_session(cfg.ray, env=env), progress_channel() as progress:
         train_ds = ray.data.from_arrow(table)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"train": tc.model_dump(), "seed": cfg.run.seed, "n_items": n_items,
                                "max_len": max_len, "sequences": sequences, "item_text": item_text,
-                               "user_text": user_text, "distill_targets": targets},
+                               "user_text": user_text, "distill_targets": targets,
+                               "progress": progress, "label": f"{model_name} (max {tc.epochs} epochs)"},
             torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                          resources_per_worker={"CPU": tc.cpus_per_worker}),

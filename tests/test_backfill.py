@@ -51,10 +51,13 @@ def _overrides(root: Path, student: str, name: str, **extra) -> list[str]:
 
 
 @pytest.mark.slow
-def test_backfill_writes_lancedb_and_second_run_generates_nothing(ring_dataset, tiny_student):
+def test_backfill_writes_lancedb_and_second_run_generates_nothing(ring_dataset, tiny_student, capsys):
     cfg = load_config(None, _overrides(ring_dataset, tiny_student[0], "backfill1", batch_size=16))
     run_prepare(cfg.data, cfg.prepared_dir)
     first = run_backfill(cfg)
+    # one console line per generated batch of 16 prompts, sent from the actor (slim_ray.progress)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backfill student all (")]
+    assert len(lines) == -(-first["generated"] // 16) and all("generated tok/s" in l for l in lines)
     rows, items = load_backfill(cfg)
     assert first["rows"] == 120 and first["users"] == 40 and first["dim"] == 384 and first["items_encoded"] == 30
     # users with equal recent histories share a prompt: each distinct prompt is generated once

@@ -12,7 +12,8 @@ import pytest
 
 from slim_ray.config import load_config
 from slim_ray.prepare import run_prepare
-from slim_ray.serve import Bundle, BundleWatcher, RequestError, StudentCore, publish_bundle, recommend
+from slim_ray.errors import RequestError
+from slim_ray.serve import Bundle, BundleWatcher, StudentCore, publish_bundle, recommend
 from conftest import slim_run_overrides  # tests/ is on sys.path (pytest rootdir)
 
 pytestmark = pytest.mark.slow
@@ -293,6 +294,10 @@ def test_retrained_model_swaps_in_under_load_without_failures_or_mixed_versions(
     responses, failures, done = [], [], threading.Event()
     with serving(cfg, port=free_port(), student=False) as url:
         client = httpx.Client(base_url=url, timeout=60)
+        # without a Student deployment a fresh rationale is refused before any event is sent
+        refused = client.post("/v1/recommend/stream", json={"history": ["3", "4"], "k": 3})
+        assert refused.status_code == 503 and set(refused.json()) == {"error"}
+        assert [n for n, _, _ in read_events(client, {"history": ["3", "4"], "k": 3, "explain": False})] == ["items"]
 
         def hammer():
             while not done.is_set():

@@ -208,5 +208,7 @@ def test_a_loopback_teacher_is_refused_on_a_cluster_of_several_machines():
     assert not is_loopback("https://api.openai.com/v1")
     with pytest.raises(ConfigError, match="loopback address.*2 machines"):
         check_reachable("http://127.0.0.1:8011/v1", {"10.0.0.4", "10.0.0.5"})
+    with pytest.raises(ConfigError, match="no CPUs"):  # a head with num-cpus 0: actors land on workers
+        check_reachable("http://127.0.0.1:8011/v1", {"10.0.0.4"}, local_cpus=0)
     check_reachable("http://127.0.0.1:8011/v1", {"10.0.0.4"})
     check_reachable("http://10.0.0.4:8011/v1", {"10.0.0.4", "10.0.0.5"})
