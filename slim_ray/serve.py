@@ -176,6 +176,8 @@ class Bundle:
                 raise RequestError(404, f"unknown user_id {user_id!r}")
             row = self.user_row[str(user_id)]
             return list(self.seen[row]), row
+        if not history:
+            raise RequestError(422, "the history is empty")
         unknown = [h for h in history if str(h) not in self.item_by_raw]
         if unknown:
             raise RequestError(422, f"unknown item ids in history: {unknown[:10]}")
@@ -200,6 +202,11 @@ class Bundle:
         unseen items for this history, scored with no rationale."""
         vector = self.user_vectors([item_ids], [None])[0]
         return [self.item(hit["item_id"]) for hit in self.search(vector, self.n_candidates, item_ids)]
+
+    async def find(self, vector: np.ndarray, k: int, exclude: list[int]) -> list[dict]:
+        """`search` from a request: exact scoring is one small matmul, an ANN query waits on LanceDB
+        (off the event loop)."""
+        return self.search(vector, k, exclude) if self.exact else await asyncio.to_thread(self.search, vector, k, exclude)
 
     def search(self, vector: np.ndarray, k: int, exclude: list[int]) -> list[dict]:
         """Top-k items by dot product, never one of `exclude`."""
@@ -335,8 +342,6 @@ async def recommend(bundle: Bundle, explain_fn, vector_fn, user_id: str | None, 
         timings[name], clock = (now - clock) * 1000, now
 
     item_ids, row = bundle.resolve(user_id, history)
-    if not item_ids:
-        raise RequestError(422, "the history is empty")
     cached = bundle.cached_rationale(row)
     rationale, source = (dict(cached), "cached") if cached is not None else (None, None)
     lap("resolve")
@@ -351,8 +356,7 @@ async def recommend(bundle: Bundle, explain_fn, vector_fn, user_id: str | None, 
     vector = bundle.user_matrix[row] if row is not None else await vector_fn(bundle, item_ids, text)
     lap("user_vector")
     exclude = item_ids if exclude_seen else []
-    # exact scoring is one small matmul; an ANN query waits on LanceDB: off the event loop
-    items = bundle.search(vector, k, exclude) if bundle.exact else await asyncio.to_thread(bundle.search, vector, k, exclude)
+    items = await bundle.find(vector, k, exclude)
     lap("search")
     return {"items": items, "explanation": rationale if explain else None,
             "rationale_source": source if explain else None,
@@ -369,14 +373,12 @@ async def recommend_stream(bundle: Bundle, stream_fn, vector_fn, user_id: str | 
     rationale's candidates); `recommend` waits for the rationale and scores with it. Bad requests (and a
     needed student that is not deployed: stream_fn None) raise RequestError before the first event."""
     item_ids, row = bundle.resolve(user_id, history)
-    if not item_ids:
-        raise RequestError(422, "the history is empty")
     cached = bundle.cached_rationale(row)
     if explain and cached is None and stream_fn is None:
         raise RequestError(503, "no student deployment: explanations for new histories are off")
     vector = bundle.user_matrix[row] if row is not None else await vector_fn(bundle, item_ids, None)
     exclude = item_ids if exclude_seen else []
-    items = bundle.search(vector, k, exclude) if bundle.exact else await asyncio.to_thread(bundle.search, vector, k, exclude)
+    items = await bundle.find(vector, k, exclude)
 
     async def events() -> AsyncIterator[tuple[str, dict]]:
         yield "items", {"items": items, "rationale_source": None if not explain else "cached" if cached is not None else "fresh",
