@@ -1,7 +1,6 @@
 """SLIM table v2 on ML-100k: every backbone without and with fusion, leak-free, seeds paired, p-values.
 
   python bench/slim.py --run-dir runs/slim7 --students bench/data/student_ml100k_v2 \
-      --fold-models runs/bench_teacher/local/models \
       --backbones SASRec --variants none slim title_oracle genre_oracle --seeds 1 2 3 4 5
   python bench/slim.py --run-dir runs/slim7 --audit          # the signal audit only (bench/signal_audit.py)
   python bench/slim.py --report-only                         # re-render BENCHMARKS.md from bench/results/slim.json
@@ -11,8 +10,10 @@
 --oracles-only builds a run without any student (prepare + the checkpoint rows + item vectors), so
 that the positive controls check the fusion design before rationales exist.
 --students builds the run first (incremental): prepare, the cross-fitted fold backbones that pick
-step-3 candidates (`train-folds`), the cross-fitted students exported from the committed adapters
-(fold{k}/adapter + meta.json), and the backfill of every user's checkpoints (slim_ray/prefixes.py).
+step-3 candidates (`train-folds`, kept in bench/data/fold_models_ml100k), the cross-fitted students
+exported from the committed adapters (fold{k}/adapter + meta.json), and the backfill of every user's
+checkpoints (slim_ray/prefixes.py). The backfill's response cache is committed
+(bench/data/student_backfill_ml100k): a backfill longer than one sitting goes on where it stopped.
 
 Variants (all selected on validation NDCG@10 with early stopping, test scored by full ranking with
 history masked and by 100 sampled negatives, cold-item slice, EFD/EPC):
@@ -81,9 +82,12 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "slim7")
     parser.add_argument("--students", type=Path, default=None,
                         help="committed cross-fitted adapters (fold{k}/adapter + meta.json): build the run first")
-    parser.add_argument("--fold-models", type=Path, default=None, help="with --students: reuse these cross-fitted "
-                        "fold backbones (e.g. runs/bench_teacher/local/models, whose top items grounded the teacher set) "
-                        "instead of training them")
+    parser.add_argument("--fold-models", type=Path, default=ROOT / "bench" / "data" / "fold_models_ml100k",
+                        help="with --students: the cross-fitted fold backbones whose top items are the students' "
+                        "candidates; trained once and kept there (committed), so every sitting sends the same prompts")
+    parser.add_argument("--backfill-cache", type=Path, default=ROOT / "bench" / "data" / "student_backfill_ml100k",
+                        help="with --students: the students' response cache (backfill.cache_dir), committed so that "
+                        "a backfill longer than one sitting resumes on any machine")
     parser.add_argument("--checkpoints", type=int, default=10, help="training checkpoints per user for --students "
                         "(data.checkpoints_per_user); an existing run keeps what its backfill was built with")
     parser.add_argument("--stride", type=int, default=None, help="items between training checkpoints "
@@ -114,8 +118,8 @@ def main() -> None:
     overrides = [f"data.checkpoints_per_user={args.checkpoints}", f"data.checkpoint_stride={stride}",
                  "train.shuffle_buffer=1000000"]  # full reshuffle
     if args.students:
-        build_run(args.run_dir, args.students, overrides + [f"backfill.max_new_tokens={args.max_new_tokens}"],
-                  args.fold_models)
+        build_run(args.run_dir, args.students, overrides + [f"backfill.max_new_tokens={args.max_new_tokens}",
+                                                            f"backfill.cache_dir={args.backfill_cache}"], args.fold_models)
     if args.oracles_only:
         build_oracle_run(args.run_dir, overrides)
         if set(args.variants) - {"none", "text", *ORACLES}:
@@ -243,8 +247,38 @@ def report(results: dict, signal: dict) -> None:
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in signal.items() if not isinstance(v, dict)) + ".")
     notes.append("Runs: " + "; ".join(f"`{c}`" for c in dict.fromkeys(
         c for v in results.values() for m in v.values() for c in m["commands"])) + ".")
+    notes.append("Chart: `bench/results/slim.png` (test NDCG@10 per variant, mean ± std over seeds; the dotted line is "
+                 "each backbone's base), drawn from these results by the same command.")
     publish("slim", "SLIM fusion on ML-100k, v2 (leak-free checkpoints, grounded cross-fitted student)",
             {"version": 2, "summary": summary, "results": results, "signal": signal}, "\n".join(lines), "\n\n".join(notes))
+    chart(results, ROOT / "bench" / "results" / "slim.png")
+
+
+def chart(results: dict, path: Path) -> None:
+    """One panel per backbone: test NDCG@10 (full ranking) of every variant, the base as a dotted line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {bb: sorted(v.items(), key=lambda kv: (ORDER.index(kv[0].split("-")[0]), kv[0])) for bb, v in results.items()}
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 0.45 * max(len(r) for r in rows.values()) + 1.5),
+                             squeeze=False)
+    for ax, (backbone, variants) in zip(axes[0], rows.items()):
+        names = [f"{k} ({len(e['seeds'])} seed{'s' * (len(e['seeds']) > 1)})" for k, e in variants]
+        means = [e["full/ndcg@10"]["mean"] for _, e in variants]
+        ax.barh(names, means, xerr=[e["full/ndcg@10"]["std"] for _, e in variants], color="tab:blue")
+        for y, m in enumerate(means):
+            ax.text(m, y, f" {m:.4f}", va="center", fontsize=8)
+        if "none" in dict(variants):
+            ax.axvline(dict(variants)["none"]["full/ndcg@10"]["mean"], color="k", linestyle=":")
+        ax.invert_yaxis()
+        ax.set_title(backbone)
+        ax.set_xlabel("test NDCG@10 (full ranking)")
+        ax.set_xlim(0, max(means) * 1.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def design(entry: dict) -> str:
@@ -262,9 +296,9 @@ def fmt_p(p: float | None) -> str:
     return "n/a" if p is None else f"{p:.3f}"
 
 
-def build_run(run_dir: Path, students: Path, overrides: list[str], fold_models: Path | None = None) -> None:
-    """prepare -> train-folds (or copies of `fold_models`) -> cross-fitted students from the committed
-    adapters -> backfill."""
+def build_run(run_dir: Path, students: Path, overrides: list[str], fold_models: Path) -> None:
+    """prepare -> the fold backbones (copied from `fold_models`, or trained and kept there) -> cross-fitted
+    students from the committed adapters -> backfill."""
     from slim_ray.artifacts import student_dir
     from slim_ray.backfill import run_backfill
     from slim_ray.candidates import fold_model_name
@@ -277,13 +311,14 @@ def build_run(run_dir: Path, students: Path, overrides: list[str], fold_models: 
                                                          "train.epochs=8", *overrides])
     if not (cfg.prepared_dir / "stats.json").is_file():
         run_prepare(cfg.data, cfg.prepared_dir)
-    for fold in range(cfg.data.folds) if fold_models else []:
-        name = fold_model_name(cfg.train.backbone, fold, cfg.data.folds)
-        if not (cfg.model_dir(name) / "model.pt").is_file():
-            shutil.copytree(fold_models / name, cfg.model_dir(name))
-    if not all((cfg.model_dir(fold_model_name(cfg.train.backbone, f, cfg.data.folds)) / "model.pt").is_file()
-               for f in range(cfg.data.folds)):
+    names = [fold_model_name(cfg.train.backbone, fold, cfg.data.folds) for fold in range(cfg.data.folds)]
+    for name in names:
+        if (fold_models / name / "model.pt").is_file() and not (cfg.model_dir(name) / "model.pt").is_file():
+            shutil.copytree(fold_models / name, cfg.model_dir(name), dirs_exist_ok=True)
+    if not all((cfg.model_dir(name) / "model.pt").is_file() for name in names):
         print("fold backbones:", run_train_folds(cfg), flush=True)
+        for name in names:  # keep them: the next sitting's prompts (and cache keys) stay the same
+            shutil.copytree(cfg.model_dir(name), fold_models / name, dirs_exist_ok=True)
     for fold in range(cfg.data.folds):
         meta = json.loads((students / f"fold{fold}" / "meta.json").read_text())
         if meta.get("holdout_fold") != fold:

@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python -m jobs.index --config FILE [--fusion slim]`"""
+"""`ray job submit --working-dir . -- python -m jobs.index --config FILE [--train.fusion slim]`"""
 from jobs import run
 
 if __name__ == "__main__":

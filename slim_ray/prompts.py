@@ -9,13 +9,13 @@ Change PROMPT_VERSION whenever a template changes: it is part of every cache key
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 
 import pandas as pd
+from rapidfuzz import fuzz, process
 
 PROMPT_VERSION = "v3"
 
@@ -155,7 +155,8 @@ def normalize_title(title: str) -> str:
 
 @dataclass
 class TitleIndex:
-    """Fuzzy title -> item id lookup over the catalogue."""
+    """Fuzzy title -> item id lookup over the catalogue (exact normalised title first, else rapidfuzz's
+    best normalised Indel similarity, the measure difflib's ratio approximates, computed in C)."""
 
     titles: dict[str, int]
     _keys: list[str] = field(init=False)
@@ -175,8 +176,8 @@ class TitleIndex:
         key = normalize_title(name)
         if key in self.titles:
             return self.titles[key], 1.0
-        close = difflib.get_close_matches(key, self._keys, n=1, cutoff=cutoff)
-        return (self.titles[close[0]], difflib.SequenceMatcher(None, key, close[0]).ratio()) if close else None
+        close = process.extractOne(key, self._keys, scorer=fuzz.ratio, score_cutoff=100 * cutoff)
+        return (self.titles[close[0]], close[1] / 100) if close else None
 
     def lookup(self, name: str, cutoff: float = 0.85) -> int | None:
         found = self.match(name, cutoff)

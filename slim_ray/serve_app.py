@@ -2,7 +2,9 @@
 
   POST /v1/recommend   {user_id} or {history: [raw item ids]}, k, exclude_seen, explain
   POST /v1/recommend/stream  the same as server-sent events: items at once, the rationale as it is written
-  GET  /v1/items/{id}  item metadata;   GET /healthz;   GET /metrics (Prometheus text format)
+  GET  /v1/items/{id}  item metadata;   GET /healthz
+Request counts and latencies by route and status are Ray Serve's own metrics (ray_serve_num_http_requests,
+ray_serve_http_request_latency_ms, ...), scraped from each node's Ray metrics port (`metrics_url`).
 Bad requests get a 4xx JSON body {"error": reason}; the service keeps serving.
 The ingress answers from the published bundle it holds (model, item vectors from LanceDB, known users'
 vectors: no hop on the hot path); only fresh rationales call the separate, batched Student deployment.
@@ -14,14 +16,12 @@ needs the request models as real classes, not strings.
 
 import asyncio
 import json
-import time
 from contextlib import contextmanager
 from typing import Annotated, Iterator, Optional, Union
 
 from fastapi import FastAPI, Request
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from ray import serve
@@ -140,31 +140,15 @@ class Student:
 
 api = FastAPI(title="slim-ray recommend-and-explain", version="1",
               description="Items for a user, and why: SLIM rationales from a distilled student.")
-# One registry per process = per replica; Prometheus sums replicas when it scrapes them.
-REGISTRY = CollectorRegistry()
-REQUESTS = Counter("slim_requests", "Requests by route and status", ["route", "status"], registry=REGISTRY)
-LATENCY = Histogram("slim_request_seconds", "Request latency", ["route"], registry=REGISTRY,
-                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30))
-
-
-def render_metrics() -> str:
-    # Module-level on purpose: Serve pickles the ingress class by value, and a REGISTRY referenced
-    # from its methods would be a stale copy; functions of this module resolve to the replica's own.
-    return generate_latest(REGISTRY).decode()
 
 
 @api.middleware("http")
-async def limit_and_count(request: Request, call_next):
-    start = time.perf_counter()
+async def limit_body(request: Request, call_next):
+    """Refuse an oversized body before it is read (Serve counts the 413 like any other status)."""
     size = request.headers.get("content-length")
     if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
-        response = JSONResponse({"error": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
-    else:
-        response = await call_next(request)
-    route = "/v1/items/{id}" if request.url.path.startswith("/v1/items/") else request.url.path
-    REQUESTS.labels(route, str(response.status_code)).inc()
-    LATENCY.labels(route).observe(time.perf_counter() - start)
-    return response
+        return JSONResponse({"error": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+    return await call_next(request)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -236,10 +220,6 @@ class RecommendAPI:
         bundle = self.bundles.current()
         return {"status": "ok", "model": bundle.manifest["model"], "bundle": bundle.version}
 
-    @api.get("/metrics", response_class=PlainTextResponse)
-    async def metrics(self) -> str:
-        return render_metrics()
-
 
 def application(cfg: Config, student: bool = True, engine: str = "hf"):
     """The bound application: the ingress (serving bundle) and, optionally, the Student deployment."""
@@ -285,6 +265,14 @@ def serve_http_port() -> Optional[int]:
 
     client = _get_global_client(raise_if_no_controller_running=False)
     return None if client is None else int(client.get_serve_details()["http_options"]["port"])
+
+
+def metrics_url() -> str:
+    """Prometheus endpoint of this node's Ray metrics agent, where Serve's request metrics are exported."""
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"] and n["NodeID"] == ray.get_runtime_context().get_node_id())
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 def free_port() -> int:

@@ -2,16 +2,16 @@
 
 Pure core: `training_table` (every prefix of every training history -> next item, as RecBole does)
 or `training_windows` (train.objective=all_positions: windows of each training sequence with the
-target after every position, as the original SASRec trains) and the per-epoch helpers. Ray wrapper:
-`run_train` builds a TorchTrainer whose workers read Ray Data shards, select the model on validation NDCG@10 with early stopping, and report a checkpoint each
-epoch. `--resume` re-attaches to the same Ray Train run folder and continues from its latest one.
+target after every position, as the original SASRec trains). `BackboneTask` is what slim_ray.trainer's
+one loop trains: Ray Data shards, the model selected on validation NDCG@10 with early stopping, a
+checkpoint each epoch; `--resume` re-attaches to the same Ray Train run folder and continues.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 from slim_ray.artifacts import fusion_vectors, load_backfill
 from slim_ray.candidates import fold_model_name
 from slim_ray.config import Config, TrainConfig
-from slim_ray.distributed import Engine, early_stopping, report_epoch, restore_state, worker_env
+from slim_ray.trainer import Task, fit
 from slim_ray.errors import DataError
 from slim_ray.evaluation import evaluate
 from slim_ray.fusion import build_model, load_trained
@@ -118,67 +118,61 @@ def target_rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.broadcast_to(users[:, None], positions.shape)[present], positions[present], rows[present]
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Runs in every Ray Train worker."""
-    import ray.train
+@dataclasses.dataclass(kw_only=True)
+class BackboneTask(Task):
+    """A sequential backbone (optionally fused with rationales) for slim_ray.trainer's loop.
+    side: sequences, item_text, user_text ({rows, valid} vectors per checkpoint row, None without
+    fusion), distill_targets ((item ids, confidences) per checkpoint row for DLLM2Rec, else None)."""
 
-    tc = TrainConfig(**config["train"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(tc.cpus_per_worker)
-    torch.manual_seed(config["seed"])  # identical init on every rank
-    item_text, user_text = config["item_text"], config["user_text"]  # None without fusion
-    targets = config["distill_targets"]  # (item ids, confidences) per checkpoint row for DLLM2Rec, else None
-    build = lambda: build_model(tc.fusion, tc.backbone, config["n_items"], config["max_len"], tc.model,  # noqa: E731
-                                None if item_text is None else torch.from_numpy(item_text), tc.dllm2rec.model_dump())
-    model, scorer = build(), build()
-    micro_batch = max(1, tc.batch_size // world)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    engine = Engine(model, optimizer, tc.strategy, tc.zero_stage, micro_batch, tc.use_gpu)
-    if engine.stage3 and hasattr(engine.module, "item_embedding"):  # read outside Embedding.forward
-        import deepspeed
+    tc: TrainConfig
+    n_items: int
+    max_len: int
+    metric: str = SELECT_METRIC
+    higher_is_better: bool = True
 
-        deepspeed.zero.register_external_parameter(engine.module, engine.module.item_embedding.weight)
-    state = restore_state(engine, lambda folder: engine.module.load_state_dict(torch.load(folder / "model.pt")),
-                          {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": []})
+    def build(self):
+        item_text = self.side["item_text"]
+        build = lambda: build_model(self.tc.fusion, self.tc.backbone, self.n_items, self.max_len,  # noqa: E731
+                                    self.tc.model, None if item_text is None else torch.from_numpy(item_text),
+                                    self.tc.dllm2rec.model_dump())
+        model, self.scorer = build(), build()
+        return model, torch.optim.Adam(model.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
 
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in range(state["epoch"] + 1, tc.epochs + 1):
-        torch.manual_seed(config["seed"] + 1000 * epoch + rank)  # dropout differs per rank/epoch
-        engine.train()
-        total, steps, epoch_start = 0.0, 0, time.perf_counter()
-        for batch in shard.iter_torch_batches(
-                batch_size=micro_batch, local_shuffle_buffer_size=tc.shuffle_buffer or None,
-                local_shuffle_seed=config["seed"] + epoch, device=engine.device):
-            rows = batch["text_row"].cpu().numpy()  # each row's latest checkpoint before its target
-            if user_text is not None:
-                batch["user_text"] = torch.from_numpy(user_text["rows"][rows]).to(engine.device)
-            if targets is not None:  # the items that checkpoint's rationale names, with match confidences
-                batch["teacher_items"] = torch.from_numpy(targets[0][rows]).to(engine.device)
-                batch["teacher_conf"] = torch.from_numpy(targets[1][rows]).to(engine.device)
-            loss = engine(batch)
-            engine.step(loss)
-            total, steps = total + loss.item(), steps + 1
-        train_s = time.perf_counter() - epoch_start
+    def prepare(self, engine) -> None:
+        if engine.stage3 and hasattr(engine.module, "item_embedding"):  # read outside Embedding.forward
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(engine.module, engine.module.item_embedding.weight)
+
+    def load(self, engine, folder: Path) -> None:
+        engine.module.load_state_dict(torch.load(folder / "model.pt"))
+
+    def collate(self, batch: dict) -> dict:
+        tensors = {k: torch.as_tensor(v) for k, v in batch.items()}
+        rows = batch["text_row"]  # each row's latest checkpoint before its target
+        user_text, targets = self.side["user_text"], self.side["distill_targets"]
+        if user_text is not None:
+            tensors["user_text"] = torch.from_numpy(user_text["rows"][rows])
+        if targets is not None:  # the items that checkpoint's rationale names, with match confidences
+            tensors["teacher_items"] = torch.from_numpy(targets[0][rows])
+            tensors["teacher_conf"] = torch.from_numpy(targets[1][rows])
+        return tensors
+
+    def evaluate(self, engine) -> dict:
         with engine.full_parameters():
-            weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+            self.weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
         # Every rank scores the whole (small) valid split on a plain copy: ZeRO-3's hooks would
         # re-partition parameters between the sub-module calls of the scoring code.
-        scorer.load_state_dict(weights)
-        valid = evaluate(scorer, config["sequences"], config["n_items"], config["max_len"],
-                         split="valid", negatives=tc.eval_negatives, seed=config["seed"],
-                         mask_history=tc.select_masks_history,
+        self.scorer.load_state_dict(self.weights)
+        user_text = self.side["user_text"]
+        valid = evaluate(self.scorer, self.side["sequences"], self.n_items, self.max_len, split="valid",
+                         negatives=self.tc.eval_negatives, seed=self.seed, mask_history=self.tc.select_masks_history,
                          user_text=None if user_text is None else user_text["valid"])
-        state["epoch"] = epoch
-        early_stopping(state, valid["full"]["ndcg@10"])
-        metrics = {"epoch": epoch, "train_loss": total / max(steps, 1), SELECT_METRIC: valid["full"]["ndcg@10"],
-                   "valid_hr@10": valid["full"]["hr@10"], "steps": steps, "train_s": round(train_s, 1),
-                   "valid_s": round(time.perf_counter() - epoch_start - train_s, 1)}
-        state["history"].append(metrics)
-        report_epoch(engine, metrics, state, lambda folder: torch.save(weights, folder / "model.pt"),
-                     config["progress"], f"train {config['label']}")
-        if state["bad_epochs"] >= tc.patience:
-            break
+        return {SELECT_METRIC: valid["full"]["ndcg@10"], "valid_hr@10": valid["full"]["hr@10"]}
+
+    def files(self, engine):
+        weights = self.weights
+        return lambda folder: torch.save(weights, folder / "model.pt")
 
 
 def run_train(cfg: Config, resume: bool = False, holdout_fold: int | None = None) -> dict:
@@ -186,13 +180,6 @@ def run_train(cfg: Config, resume: bool = False, holdout_fold: int | None = None
 
     holdout_fold: train (and select) on the users of every other fold only, into
     cfg.model_dir(fold_model_name(...)): the cross-fitted models that pick step-3 candidates."""
-    import ray.data
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from slim_ray.progress import progress_channel
-    from slim_ray.ray_session import ray_session
-
     tc = cfg.train
     items, sequences, _ = load_prepared(cfg.prepared_dir)
     n_items, max_len = len(items) + 1, cfg.data.max_len
@@ -203,8 +190,6 @@ def run_train(cfg: Config, resume: bool = False, holdout_fold: int | None = None
         model_name = fold_model_name(tc.backbone, holdout_fold, cfg.data.folds)
         model_dir = cfg.model_dir(model_name)
         sequences = sequences[fold_of(sequences["user_id"].to_numpy(), cfg.data.folds) != holdout_fold]
-    storage = (cfg.run.output_dir / "ray_train").resolve()
-    name = f"train-{model_name}"
     backfill = load_backfill(cfg) if tc.fusion != "none" else None  # read once: vectors, guard, DLLM2Rec
     item_text, user_text, index = fusion_vectors(cfg, n_items, sequences, backfill)
     rows_of = training_windows if tc.objective == "all_positions" else training_table
@@ -218,44 +203,22 @@ def run_train(cfg: Config, resume: bool = False, holdout_fold: int | None = None
         from slim_ray.dllm2rec import distill_targets
 
         targets = distill_targets(backfill[0], items, tc.dllm2rec.top_k)
-    if not resume:
-        shutil.rmtree(storage / name, ignore_errors=True)
-    env = worker_env(tc.use_gpu, tc.cpus_per_worker)
-    start = time.perf_counter()
-    with ray_session(cfg.ray, env=env), progress_channel() as progress:
-        train_ds = ray.data.from_arrow(table)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"train": tc.model_dump(), "seed": cfg.run.seed, "n_items": n_items,
-                               "max_len": max_len, "sequences": sequences, "item_text": item_text,
-                               "user_text": user_text, "distill_targets": targets,
-                               "progress": progress, "label": f"{model_name} (max {tc.epochs} epochs)"},
-            torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                         resources_per_worker={"CPU": tc.cpus_per_worker}),
-            run_config=RunConfig(
-                name=name, storage_path=str(storage), worker_runtime_env={"env_vars": env},
-                checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SELECT_METRIC,
-                                                   checkpoint_score_order="max")),
-            datasets={"train": train_ds},
-        )
-        result = trainer.fit()
-    best, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SELECT_METRIC])
-    # The latest checkpoint's history covers every epoch run, including those after the best one.
-    with result.checkpoint.as_directory() as folder:
-        last = json.loads(Path(folder, "state.json").read_text())
-    with best.as_directory() as folder:
-        state = json.loads(Path(folder, "state.json").read_text())
-        meta = {"backbone": tc.backbone, "fusion": tc.fusion, "rationale": tc.rationale, "name": model_name,
-                "seed": cfg.run.seed, "holdout_fold": holdout_fold, "folds": cfg.data.folds, "leak_guard": guard,
-                "model": tc.model, "n_items": n_items, "max_len": max_len,
-                "dllm2rec": tc.dllm2rec.model_dump() if "dllm2rec" in tc.fusion else None,
-                "best_epoch": state["best_epoch"], SELECT_METRIC: state["best"],
-                "select_masks_history": tc.select_masks_history, "objective": tc.objective,
-                "epochs_run": last["epoch"], "history": last["history"], "strategy": tc.strategy,
-                "zero_stage": tc.zero_stage if tc.strategy == "deepspeed" else None,
-                "num_workers": tc.num_workers, "shuffle_buffer": tc.shuffle_buffer, "train_wall_s": time.perf_counter() - start}
-
+    task = BackboneTask(label=f"train {model_name} (max {tc.epochs} epochs)", seed=cfg.run.seed, tc=tc,
+                        n_items=n_items, max_len=max_len, shuffle_buffer=tc.shuffle_buffer,
+                        side={"sequences": sequences, "item_text": item_text, "user_text": user_text,
+                              "distill_targets": targets})
+    fitted = fit(task, tc, cfg.ray, table, f"train-{model_name}", cfg.run.output_dir / "ray_train", resume)
+    state, last = fitted.best_state, fitted.last_state
+    meta = {"backbone": tc.backbone, "fusion": tc.fusion, "rationale": tc.rationale, "name": model_name,
+            "seed": cfg.run.seed, "holdout_fold": holdout_fold, "folds": cfg.data.folds, "leak_guard": guard,
+            "model": tc.model, "n_items": n_items, "max_len": max_len,
+            "dllm2rec": tc.dllm2rec.model_dump() if "dllm2rec" in tc.fusion else None,
+            "best_epoch": state["best_epoch"], SELECT_METRIC: state["best"],
+            "select_masks_history": tc.select_masks_history, "objective": tc.objective,
+            "epochs_run": last["epoch"], "history": last["history"], "strategy": tc.strategy,
+            "zero_stage": tc.zero_stage if tc.strategy == "deepspeed" else None,
+            "num_workers": tc.num_workers, "shuffle_buffer": tc.shuffle_buffer, "train_wall_s": fitted.wall_s}
+    with fitted.best.as_directory() as folder:
         def write(tmp: Path) -> None:
             shutil.copy(Path(folder, "model.pt"), tmp / "model.pt")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

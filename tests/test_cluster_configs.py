@@ -1,5 +1,8 @@
 """cluster/ configs, checked offline: the launcher YAML against Ray's own schema (the check `ray up`
-runs), the KubeRay manifests structurally, and the RayService's Serve config against ours."""
+runs); the KubeRay manifests' Kubernetes parts (the shared PVC, and every pod template inside the Ray
+custom resources) against the Kubernetes API schema with kubernetes-validate, strict (unknown fields
+fail); the custom resources' own fields structurally (no KubeRay CRD schema ships offline); and the
+RayService's Serve config against ours."""
 
 from __future__ import annotations
 
@@ -58,6 +61,46 @@ def test_kuberay_manifests_are_complete():
     _pod_specs(manifests["rayservice.yaml"]["spec"]["rayClusterConfig"])
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "FROM ${BASE}" in dockerfile and "rayproject/ray:2.60.0" in dockerfile and "FLAVOR=gpu" in dockerfile
+
+
+KUBERNETES = "1.33.0"  # a version KubeRay 1.4 supports; the schemas ship inside kubernetes-validate
+
+
+def _pod_templates(manifest: dict) -> list[dict]:
+    spec = manifest["spec"]
+    cluster = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"),
+               "RayService": spec.get("rayClusterConfig")}[manifest["kind"]]
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    return [g["template"] for g in groups] + ([spec["submitterPodTemplate"]] if "submitterPodTemplate" in spec else [])
+
+
+def _validate_pod_template(template: dict) -> None:
+    import kubernetes_validate
+
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "slim-ray"},
+                                  "template": template}, KUBERNETES, strict=True)
+
+
+def test_kuberay_manifests_pass_the_kubernetes_schema():
+    import copy
+
+    import kubernetes_validate
+    import pytest
+
+    templates = 0
+    for path in sorted((ROOT / "cluster" / "kuberay").glob("*.yaml")):
+        manifest = yaml.safe_load(path.read_text())
+        if manifest["kind"] == "PersistentVolumeClaim":
+            kubernetes_validate.validate(manifest, KUBERNETES, strict=True)
+            continue
+        for template in _pod_templates(manifest):
+            _validate_pod_template(template)
+            templates += 1
+    assert templates >= 7  # head + CPU + GPU groups of three clusters, at least
+    broken = copy.deepcopy(template)
+    broken["spec"]["containers"][0]["volumeMount"] = broken["spec"]["containers"][0].pop("volumeMounts")
+    with pytest.raises(kubernetes_validate.ValidationError, match="volumeMount"):
+        _validate_pod_template(broken)  # a misspelt field is caught, not ignored
 
 
 def test_relative_run_folders_land_on_the_shared_storage(monkeypatch):

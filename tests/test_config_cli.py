@@ -56,27 +56,37 @@ def test_bad_config_files(tmp_path):
 
 
 def test_help_explains_every_option():
+    """Each command's options are generated from the config sections it reads: every field of them,
+    with its description as help; the flags become --set overrides of higher precedence."""
+    from slim_ray.cli import config_fields
+
     top = runner.invoke(app, ["--help"])
     assert top.exit_code == 0 and all(c in top.output for c in ("prepare", "train", "evaluate", "pipeline"))
-    out = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
-    for flag in ("--backbone", "--strategy", "--zero-stage", "--num-workers", "--epochs", "--resume"):
-        assert flag in out, flag
-    out = runner.invoke(app, ["prepare", "--help"], env={"COLUMNS": "200"}).output
-    for flag in ("--config", "--set", "--format", "--interactions", "--items", "--rating-threshold",
-                 "--kcore", "--max-len", "--min-seq-len", "--output-dir"):
-        assert flag in out, flag
+    out = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "250"}).output
+    keys = [key for key, _ in config_fields(type(Config().train), "train")]
+    assert len(keys) > 30 and all(f"--{key} " in out for key in keys), [k for k in keys if f"--{k} " not in out]
+    assert "--resume" in out and "Ray Train workers." in out and "--teacher.base_url" not in out
+    pipeline_help = runner.invoke(app, ["pipeline", "--help"], env={"COLUMNS": "250"}).output
+    every = [key for section, field in Config.model_fields.items() for key, _ in config_fields(field.annotation, section)]
+    assert all(f"--{key} " in pipeline_help for key in every), [k for k in every if f"--{k} " not in pipeline_help]
+    shown = runner.invoke(app, ["show-config", "--set", "train.epochs=7", "--train.epochs", "9",
+                                "--train.model", "{hidden_dropout: 0.3}", "--data.kcore=4"])
+    assert shown.exit_code == 0, shown.output
+    assert "epochs: 9" in shown.output and "hidden_dropout: 0.3" in shown.output and "kcore: 4" in shown.output
+    bad = runner.invoke(app, ["show-config", "--train.zero_stage", "7"])
+    assert bad.exit_code == 2 and "train.zero_stage" in bad.output
 
 
 def test_cli_prepare_and_one_line_errors(recbole_files, tmp_path):
     inter, item = recbole_files
-    ok = runner.invoke(app, ["prepare", "--interactions", str(inter), "--items", str(item),
-                             "--output-dir", str(tmp_path / "run"), "--set", "data.max_len=2"])
+    ok = runner.invoke(app, ["prepare", "--data.interactions", str(inter), "--data.items", str(item),
+                             "--run.output_dir", str(tmp_path / "run"), "--set", "data.max_len=2"])
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "run" / "prepared" / "sequences.parquet").is_file()
     assert "interactions" in ok.output
 
-    bad = runner.invoke(app, ["prepare", "--interactions", str(tmp_path / "x.inter"),
-                              "--items", str(item), "--output-dir", str(tmp_path / "run2")])
+    bad = runner.invoke(app, ["prepare", "--data.interactions", str(tmp_path / "x.inter"),
+                              "--data.items", str(item), "--run.output_dir", str(tmp_path / "run2")])
     assert bad.exit_code == 2
     assert "error: data.interactions: file not found" in bad.output
     assert "Traceback" not in bad.output
@@ -85,6 +95,7 @@ def test_cli_prepare_and_one_line_errors(recbole_files, tmp_path):
     unknown = runner.invoke(app, ["prepare", "--set", "data.shuffle=1"])
     assert unknown.exit_code == 2 and "data.shuffle" in unknown.output
     assert runner.invoke(app, ["prepare", "--no-such-flag"]).exit_code == 2
+    assert runner.invoke(app, ["prepare", "--train.epochs", "3"]).exit_code == 2  # prepare does not read train
 
 
 def test_ray_address_resolution(monkeypatch):

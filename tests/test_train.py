@@ -10,6 +10,7 @@ from slim_ray.config import load_config
 from slim_ray.errors import ConfigError, DataError
 from slim_ray.prepare import run_prepare
 from slim_ray.train import run_evaluate, run_train, training_table
+from slim_ray.trainer import deepspeed_config, lr_factor, micro_batch_size
 from conftest import write_ring  # tests/ is on sys.path (pytest rootdir)
 
 TINY_SASREC = "train.model={hidden_size: 16, inner_size: 32, n_layers: 1, hidden_dropout: 0.1, attn_dropout: 0.1}"
@@ -51,11 +52,16 @@ def _epochs(meta):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy, stage", [("ddp", None), ("deepspeed", 2)])
 def test_two_workers_train_checkpoint_and_resume(pattern_run, strategy, stage):
+    """Both engines under one loop, with accumulation, clipping and a warm-up + cosine schedule over 4
+    epochs (the rate the loop reports rises, then falls), resumed mid-schedule."""
     cfg = pattern_run(f"{strategy}{stage}", "train.num_workers=2", f"train.strategy={strategy}",
-                      f"train.zero_stage={stage or 2}", "train.epochs=2")
+                      f"train.zero_stage={stage or 2}", "train.epochs=2", "train.grad_accum=2", "train.grad_clip=1.0",
+                      "train.lr_schedule=cosine", "train.warmup_ratio=0.6", "train.lr=0.003")
     first = run_train(cfg)
     assert _epochs(first) == [1, 2] and first["num_workers"] == 2
     assert first["history"][1]["train_loss"] < first["history"][0]["train_loss"]
+    rates = [h["lr"] for h in first["history"]]
+    assert 0 < rates[0] < 0.003 and rates[1] < rates[0]  # warming up after epoch 1 (60% of the steps), then decayed
     report = run_evaluate(cfg)
     assert report["full"]["ndcg@10"] > 0 and (cfg.run.output_dir / "eval" / "SASRec.json").is_file()
 
@@ -64,6 +70,8 @@ def test_two_workers_train_checkpoint_and_resume(pattern_run, strategy, stage):
     resumed = run_train(longer, resume=True)
     assert _epochs(resumed) == [1, 2, 3, 4]
     assert resumed["history"][:2] == first["history"]  # epochs 1-2 were not re-run
+    late = [h["lr"] for h in resumed["history"][2:]]
+    assert 0.003 > late[0] > late[1] >= 0  # the schedule, stretched to 4 epochs, decays on from the checkpoint
     assert resumed["history"][3]["train_loss"] < first["history"][1]["train_loss"]
 
 
@@ -76,6 +84,21 @@ def test_deepspeed_zero3_two_workers(pattern_run):
     saved = json.loads((cfg.model_dir() / "meta.json").read_text())
     assert saved["best_epoch"] in (1, 2)
     assert run_evaluate(cfg)["full"]["hr@20"] > 0
+
+
+def test_one_schedule_and_deepspeed_config_from_the_loop_fields():
+    spec = load_config(None, ["train.lr_schedule=linear", "train.warmup_ratio=0.2", "train.grad_clip=0.5",
+                              "train.grad_accum=4", "train.batch_size=64"]).train
+    factor = lr_factor(spec, total_steps=100)
+    assert [factor(s) for s in (0, 9, 19)] == [1 / 20, 10 / 20, 1.0]  # linear warm-up over 20 steps
+    assert factor(60) == 0.5 and factor(100) == 0.0  # then linear decay to 0 at the last step
+    cosine = lr_factor(spec.model_copy(update={"lr_schedule": "cosine", "warmup_ratio": 0.0}), 100)
+    assert cosine(0) == 1.0 and abs(cosine(50) - 0.5) < 1e-9 and abs(cosine(100)) < 1e-9
+    assert lr_factor(spec.model_copy(update={"lr_schedule": "constant", "warmup_ratio": 0.0}), 100)(99) == 1.0
+    micro = micro_batch_size(spec, world=2)
+    ds = deepspeed_config(spec, micro)
+    assert micro == 8 and ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+    assert micro * 2 * ds["gradient_accumulation_steps"] == spec.batch_size  # one optimizer step = the global batch
 
 
 def test_evaluate_without_model_is_a_clear_error(pattern_run):
