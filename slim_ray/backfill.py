@@ -183,7 +183,7 @@ def run_backfill(cfg: Config) -> dict:
         ).to_pandas()
 
     new_rows, new_items = todo.iloc[:0], todo_items.iloc[:0]
-    cache = ResponseCache((out_dir.parent / "backfill_cache").resolve())
+    cache = ResponseCache((bc.cache_dir or cfg.run.output_dir / "backfill_cache").resolve())
     with ray_session(cfg.ray, env={"OMP_NUM_THREADS": str(threads)}), progress_channel() as progress:
         generated = []
         for fold, path in paths.items():  # one student at a time: each pool holds all the CPUs

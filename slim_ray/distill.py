@@ -12,6 +12,7 @@ vLLM can load), meta.json (loss curves, held-out users, holdout_fold).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -25,7 +26,7 @@ from slim_ray.artifacts import student_dir
 from slim_ray.config import Config, DistillConfig
 from slim_ray.errors import DataError
 from slim_ray.prefixes import fold_of
-from slim_ray.storage import load_teacher_rows, write_atomic_dir
+from slim_ray.storage import DECLARED_VERSION, load_teacher_rows, model_version, write_atomic_dir
 from slim_ray.student import ensure_student_base
 from slim_ray.trainer import Task, fit
 
@@ -239,6 +240,8 @@ def export_student(adapter: Path, base_path: str, out_dir: Path, meta: dict) -> 
         merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
         merged.save_pretrained(tmp / "merged")
         AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp / "merged")
+        inputs = f"{model_version(str(adapter))}+{model_version(base_path)}"
+        (tmp / "merged" / DECLARED_VERSION).write_text(hashlib.sha256(inputs.encode()).hexdigest()[:16])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
     write_atomic_dir(out_dir, write)

@@ -114,11 +114,19 @@ def load_teacher_rows(cfg: Config) -> pd.DataFrame:
     return rows
 
 
+DECLARED_VERSION = "slim_ray_version.txt"
+
+
 def model_version(path: str) -> str:
-    """Content hash of a local model folder (weights + config); a hub id stands for itself."""
+    """Version of a model folder: the one it declares in DECLARED_VERSION, else a content hash of its
+    weights + config; a hub id stands for itself. A folder built from versioned inputs (export_student:
+    adapter + base) declares their versions, because its merged fp32 weights can differ in the last bits
+    from one CPU to another, and the cache keys built on the version must not."""
     folder = Path(path)
     if not folder.is_dir():
         return path
+    if (folder / DECLARED_VERSION).is_file():
+        return (folder / DECLARED_VERSION).read_text().strip()
     digest = hashlib.sha256()
     for file in sorted(folder.iterdir()):
         if file.suffix in {".safetensors", ".bin", ".json"} and file.is_file():

@@ -52,7 +52,8 @@ def _overrides(root: Path, student: str, name: str, **extra) -> list[str]:
 
 @pytest.mark.slow
 def test_backfill_writes_lancedb_and_second_run_generates_nothing(ring_dataset, tiny_student, capsys):
-    cfg = load_config(None, _overrides(ring_dataset, tiny_student[0], "backfill1", batch_size=16))
+    shared = ring_dataset / "shared_backfill_cache"
+    cfg = load_config(None, _overrides(ring_dataset, tiny_student[0], "backfill1", batch_size=16, cache_dir=shared))
     run_prepare(cfg.data, cfg.prepared_dir)
     first = run_backfill(cfg)
     # one console line per generated batch of 16 prompts, sent from the actor (slim_ray.progress)
@@ -77,6 +78,27 @@ def test_backfill_writes_lancedb_and_second_run_generates_nothing(ring_dataset, 
     assert versions["rationales"] > first["lancedb"]["versions"]["rationales"]  # a new table version
     again, _ = load_backfill(cfg)
     assert again["rationale"].tolist() == rows["rationale"].tolist()
+
+    # another run folder sharing backfill.cache_dir (e.g. bench/data's committed cache) generates nothing
+    other = load_config(None, _overrides(ring_dataset, tiny_student[0], "backfill1b", batch_size=16, cache_dir=shared))
+    run_prepare(other.data, other.prepared_dir)
+    third = run_backfill(other)
+    assert (third["generated"], third["from_cache"], third["reused"]) == (0, 120, 0)
+    assert load_backfill(other)[0]["rationale"].tolist() == rows["rationale"].tolist()
+
+
+def test_model_version_is_the_declared_one_else_a_content_hash(tmp_path):
+    from slim_ray.storage import DECLARED_VERSION, model_version
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights a")
+    first = model_version(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"weights b")
+    assert model_version(str(tmp_path)) != first
+    (tmp_path / DECLARED_VERSION).write_text("built-from-inputs\n")  # export_student writes one
+    assert model_version(str(tmp_path)) == "built-from-inputs"
+    (tmp_path / "model.safetensors").write_bytes(b"weights b, last bits differ on another CPU")
+    assert model_version(str(tmp_path)) == "built-from-inputs"
+    assert model_version("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.mark.slow

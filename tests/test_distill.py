@@ -177,3 +177,24 @@ def test_committed_students_write_the_format_for_users_they_never_saw():
         generator = HFGenerator(ensure_student_base("smollm2-135m"), str(STUDENTS_V2 / f"fold{fold}" / "adapter"), threads=2)
         texts, _ = generator.generate([json.loads(m) for m in held["student_messages"]], cfg.distill.max_new_tokens)
         assert all(parse_rationale(t).parsed for t in texts), texts
+
+
+@pytest.mark.slow
+def test_exported_students_declare_the_versions_of_their_inputs(tmp_path):
+    """The merged folder names adapter + base versions (the backfill's cache keys hang on it), so a
+    committed adapter exported on another machine keys the same prompts the same way."""
+    import hashlib
+
+    from slim_ray.distill import export_student
+    from slim_ray.storage import model_version
+    from slim_ray.student import ensure_student_base
+
+    base = ensure_student_base("smollm2-135m")
+    versions = []
+    for fold in (0, 1):
+        adapter = STUDENTS_V2 / f"fold{fold}" / "adapter"
+        export_student(adapter, base, tmp_path / f"fold{fold}", {"holdout_fold": fold})
+        inputs = f"{model_version(str(adapter))}+{model_version(base)}"
+        versions.append(model_version(str(tmp_path / f"fold{fold}" / "merged")))
+        assert versions[-1] == hashlib.sha256(inputs.encode()).hexdigest()[:16]
+    assert versions[0] != versions[1]
