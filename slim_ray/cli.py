@@ -203,7 +203,8 @@ def teacher_server(
 
     def action() -> None:
         tc = _config(config, overrides).teacher
-        with local_teacher(tc.model, port, tc.server_threads, tc.server_ctx, host=host) as url:
+        with local_teacher(tc.model, port, tc.server_threads, tc.server_ctx, host=host,
+                           command=tc.server_command) as url:
             console.print(f"teacher '{tc.model}' serving at [bold]{url}[/] (Ctrl-C to stop)")
             try:
                 while True:

@@ -165,9 +165,10 @@ class TeacherConfig(_Section):
                           "(OpenAI, vLLM, llama.cpp server, Ollama). The default is the local teacher.")
     model: str = Field("qwen2.5-coder-1.5b-instruct", description="Model name sent to the API.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Env var holding the API key (never the "
-                             "key itself); local servers need none.")
-    launch_local: bool = Field(True, description="Start the offline llama.cpp teacher server for the "
-                               "run when base_url points at 127.0.0.1 and nothing answers there.")
+                             "key itself); local servers need none, nor does \"\" (a server the run started).")
+    launch_local: bool = Field(True, description="Start the offline teacher server for the run when "
+                               "base_url points at 127.0.0.1 and nothing answers there: beside the driver "
+                               "on a one-node Ray, else as a cluster service on a node every node reaches.")
     num_samples: int = Field(1000, ge=1, description="Users sampled for rationales (paper: 1000).")
     history_len: int = Field(20, ge=1, description="Most recent history items shown in the prompt.")
     n_candidates: int = Field(20, ge=0, description="Candidate items shown to ground step 3.")
@@ -200,6 +201,10 @@ class TeacherConfig(_Section):
                                    "put it on shared storage for multi-node runs.")
     server_threads: int = Field(2, ge=1, description="llama.cpp threads of the local teacher.")
     server_ctx: int = Field(4096, ge=512, description="Context length of the local teacher.")
+    server_command: list[str] | None = Field(None, description="With launch_local: the command of another "
+                                             "OpenAI-compatible server to start instead of the offline llama.cpp "
+                                             "teacher ({host} and {port} are filled in), e.g. [vllm, serve, MODEL, "
+                                             "--host, '{host}', --port, '{port}'].")
 
 
 class DistillConfig(LoopConfig):

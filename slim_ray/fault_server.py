@@ -40,20 +40,21 @@ def scripted_answer(prompt: str) -> str:
 
 class FaultServer:
     def __init__(self, scripts: list[list[str]] | None = None, slow_s: float = 3.0,
-                 retry_after_s: float = 0.2, port: int = 0):
+                 retry_after_s: float = 0.2, port: int = 0, host: str = "127.0.0.1"):
         self.scripts = scripts if scripts is not None else DEFAULT_SCRIPTS
         self.slow_s, self.retry_after_s = slow_s, retry_after_s
         self.requests: Counter = Counter()
         self.successes: Counter = Counter()
         self.faults: dict[str, Counter] = defaultdict(Counter)
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True
         self.thread: threading.Thread | None = None
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
 
     def script_for(self, prompt: str) -> list[str]:
         digest = int(hashlib.sha256(prompt.encode()).hexdigest(), 16)
@@ -158,11 +159,14 @@ class FaultServer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Fault-injecting OpenAI-compatible server (loopback only).")
+    parser = argparse.ArgumentParser(description="Fault-injecting OpenAI-compatible server (loopback by default).")
     parser.add_argument("--port", type=int, default=8099)
+    parser.add_argument("--host", default="127.0.0.1", help="where to listen: loopback unless a test cluster's "
+                        "node address needs it (the teacher-service test)")
     parser.add_argument("--slow-s", type=float, default=3.0)
+    parser.add_argument("--no-faults", action="store_true", help="answer every request at once")
     args = parser.parse_args()
-    server = FaultServer(slow_s=args.slow_s, port=args.port)
+    server = FaultServer(scripts=[[]] if args.no_faults else None, slow_s=args.slow_s, port=args.port, host=args.host)
     print(f"fault server on {server.base_url}", flush=True)
     server.httpd.serve_forever()
 

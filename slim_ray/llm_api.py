@@ -90,11 +90,12 @@ class _Bucket:
 
 
 def resolve_api_key(env_var: str, base_url: str) -> str:
-    """Keys come only from the environment; local servers accept any placeholder."""
-    key = os.environ.get(env_var)
+    """Keys come only from the environment; local servers, and servers the run started itself (env_var
+    ""), accept any placeholder."""
+    key = os.environ.get(env_var) if env_var else None
     if key:
         return key
-    if any(host in base_url for host in ("127.0.0.1", "localhost", "[::1]")):
+    if not env_var or any(host in base_url for host in ("127.0.0.1", "localhost", "[::1]")):
         return "sk-local-no-key"
     raise ConfigError(f"environment variable {env_var} is not set (API key for {base_url})")
 

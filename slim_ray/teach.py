@@ -163,18 +163,41 @@ def summarize(results: pd.DataFrame, tc: TeacherConfig, wall_s: float) -> dict:
 
 @contextlib.contextmanager
 def teacher_endpoint(cfg: Config):
-    """The configured endpoint; for a silent loopback URL with launch_local, the offline teacher."""
+    """The configured endpoint (inside a Ray session); with launch_local and a silent loopback base_url,
+    the offline teacher: a process beside the driver on a one-node Ray, else a cluster service (a
+    TeacherService actor, preferably on the driver's node, bound to its node's address) that teacher
+    actors on every node reach."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from slim_ray import teacher_server
 
     tc = cfg.teacher
+    here = ray.get_runtime_context().get_node_id()
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    local_cpus = next((n["Resources"].get("CPU", 0.0) for n in alive if n["NodeID"] == here), 1.0)
     if not (tc.launch_local and is_loopback(tc.base_url)) or teacher_server.is_up(tc.base_url):
+        check_reachable(tc.base_url, {n["NodeManagerAddress"] for n in alive}, local_cpus)
         yield tc
         return
-    log = cfg.run.output_dir / "teacher_server.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with teacher_server.local_teacher(tc.model, teacher_server.port_of(tc.base_url), tc.server_threads,
-                                      tc.server_ctx, log_path=log) as base_url:
-        yield tc.model_copy(update={"base_url": base_url})
+    port = teacher_server.port_of(tc.base_url)
+    if len(alive) == 1 and local_cpus > 0:  # every actor runs here: a plain child process will do
+        log = cfg.run.output_dir / "teacher_server.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with teacher_server.local_teacher(tc.model, port, tc.server_threads, tc.server_ctx, log_path=log,
+                                          command=tc.server_command) as base_url:
+            yield tc.model_copy(update={"base_url": base_url})
+        return
+    service = ray.remote(teacher_server.TeacherService).options(
+        num_cpus=tc.server_threads, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+    ).remote(tc.model, port, tc.server_threads, tc.server_ctx, tc.server_command)
+    try:
+        # our own server: no API key, whichever node's address it has
+        yield tc.model_copy(update={"base_url": ray.get(service.base_url.remote()), "api_key_env": ""})
+    finally:
+        with contextlib.suppress(Exception):
+            ray.get(service.stop.remote(), timeout=60)
+        ray.kill(service)
 
 
 def is_loopback(url: str) -> bool:
@@ -200,15 +223,15 @@ def check_reachable(base_url: str, node_ips: set[str], local_cpus: float = 1.0) 
 
 
 def run_teach(cfg: Config, num_samples: int | None = None) -> dict:
-    with teacher_endpoint(cfg) as tc:
+    from slim_ray.ray_session import ray_session
+
+    with ray_session(cfg.ray), teacher_endpoint(cfg) as tc:
         return _run_teach(cfg.model_copy(update={"teacher": tc}), num_samples)
 
 
 def _run_teach(cfg: Config, num_samples: int | None) -> dict:
     import ray
     import ray.data
-
-    from slim_ray.ray_session import ray_session
 
     tc = cfg.teacher
     items, sequences, stats = load_prepared(cfg.prepared_dir)
@@ -219,11 +242,7 @@ def _run_teach(cfg: Config, num_samples: int | None) -> dict:
                               stats["domain"])
     cache_dir = (tc.cache_dir or cfg.run.output_dir / "teacher_cache").resolve()
     start = time.perf_counter()
-    with ray_session(cfg.ray), progress_channel() as progress:
-        here = ray.get_runtime_context().get_node_id()
-        alive = [n for n in ray.nodes() if n["Alive"]]
-        check_reachable(tc.base_url, {n["NodeManagerAddress"] for n in alive},
-                        next((n["Resources"].get("CPU", 0.0) for n in alive if n["NodeID"] == here), 1.0))
+    with progress_channel() as progress:  # inside run_teach's Ray session
         limiter = None
         if tc.requests_per_min or tc.tokens_per_min:
             limiter = ray.remote(num_cpus=0)(TokenBucketLimiter).remote(tc.requests_per_min, tc.tokens_per_min,

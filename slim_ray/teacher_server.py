@@ -122,16 +122,22 @@ def _die_with_parent() -> None:
 
 @contextlib.contextmanager
 def local_teacher(alias: str, port: int, threads: int, n_ctx: int, log_path: Path | None = None,
-                  start_timeout_s: float = 300, host: str = "127.0.0.1") -> Iterator[str]:
+                  start_timeout_s: float = 300, host: str = "127.0.0.1",
+                  command: list[str] | None = None) -> Iterator[str]:
     """Run the offline teacher for the duration of the block; yields its base_url: loopback, or with
-    host 0.0.0.0 this machine's address as other machines reach it (teacher.base_url of a cluster)."""
-    ensure_llama_cpp_server()
-    model = ensure_teacher_gguf()
+    host 0.0.0.0 this machine's address as other machines reach it (teacher.base_url of a cluster).
+    `command` (teacher.server_command) runs another OpenAI-compatible server instead of llama.cpp,
+    with {host} and {port} filled in."""
+    if command:
+        argv = [part.format(host=host, port=port) for part in command]
+    else:
+        ensure_llama_cpp_server()
+        argv = server_command(ensure_teacher_gguf(), alias, port, threads, n_ctx, host)
     wildcard = host in ("0.0.0.0", "::")
     base_url = f"http://{'127.0.0.1' if wildcard else host}:{port}/v1"  # where this process checks it
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(server_command(model, alias, port, threads, n_ctx, host), stdout=log,
+    proc = subprocess.Popen(argv, stdout=log,
                             stderr=subprocess.STDOUT, env=env, start_new_session=True,
                             preexec_fn=_die_with_parent)
     try:
@@ -144,9 +150,7 @@ def local_teacher(alias: str, port: int, threads: int, n_ctx: int, log_path: Pat
                 raise SlimRayError(f"the local teacher server did not answer within {start_timeout_s:.0f}s")
             time.sleep(1)
         if wildcard:  # every interface: advertise the one other machines reach
-            from ray.util import get_node_ip_address
-
-            yield f"http://{get_node_ip_address()}:{port}/v1"
+            yield f"http://{node_address()}:{port}/v1"
         else:
             yield base_url
     finally:
@@ -157,6 +161,34 @@ def local_teacher(alias: str, port: int, threads: int, n_ctx: int, log_path: Pat
             proc.kill()
         if log_path:
             log.close()
+
+
+def node_address() -> str:
+    """This machine's address as the Ray cluster knows its node (what other nodes reach), else a guess."""
+    import ray
+
+    if ray.is_initialized():
+        here = ray.get_runtime_context().get_node_id()
+        return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == here)
+    from ray.util import get_node_ip_address
+
+    return get_node_ip_address()
+
+
+class TeacherService:
+    """The offline teacher as a cluster service: a Ray actor that runs the server on its node, bound to
+    the node's address, so that teacher actors on every node reach it. It stops with `stop()` (or when
+    the actor dies: the server gets SIGTERM with its parent)."""
+
+    def __init__(self, alias: str, port: int, threads: int, n_ctx: int, command: list[str] | None = None):
+        self._server = local_teacher(alias, port, threads, n_ctx, host=node_address(), command=command)
+        self.url = self._server.__enter__()
+
+    def base_url(self) -> str:
+        return self.url
+
+    def stop(self) -> None:
+        self._server.__exit__(None, None, None)
 
 
 def port_of(base_url: str) -> int:

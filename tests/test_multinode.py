@@ -1,5 +1,6 @@
 """A real 2-node Ray cluster on this machine (`ray start --head` + `ray start --address`), the whole
-pipeline submitted with `ray job submit`, and the worker node killed while the backfill runs on it.
+pipeline submitted with `ray job submit`: the teach stage starts the teacher as a cluster service on the
+head and its actor calls it from the worker node; the worker node is killed while the backfill runs on it.
 
 Only processes of this cluster are touched: everything is found through the cluster's own temp dir and
 ports, and killed by PID (never `ray stop`, which would kill every Ray instance on the machine).
@@ -22,11 +23,12 @@ import psutil
 import pytest
 import yaml
 
-from slim_ray.fault_server import FaultServer
 from slim_ray.serve_app import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
+FAULT_SERVER_COMMAND = [sys.executable, "-m", "slim_ray.fault_server", "--host", "{host}", "--port", "{port}",
+                        "--no-faults"]  # stands in for llama.cpp: the same launch path, seconds instead of minutes
 
 
 def _ports(*names: str) -> dict[str, int]:
@@ -62,7 +64,10 @@ def _pipeline_config(root: Path, student: str, teacher_url: str) -> Path:
         "data": {"interactions": str(root / "r.inter"), "items": str(root / "r.item")},
         "train": {"epochs": 1, "batch_size": 32, "eval_negatives": 10, "cpus_per_worker": 1,
                   "model": {"hidden_size": 16, "inner_size": 32, "n_layers": 1}},
-        "teacher": {"base_url": teacher_url, "model": "fault-model", "launch_local": False, "num_samples": 24,
+        # The stage starts the teacher itself (launch_local) as a cluster service: a TeacherService actor
+        # that takes the head's 2 CPUs, so the teacher actor runs on the worker node and calls across.
+        "teacher": {"base_url": teacher_url, "model": "fault-model", "launch_local": True,
+                    "server_command": FAULT_SERVER_COMMAND, "server_threads": 2, "num_samples": 24,
                     "n_candidates": 5, "candidates": "backbone", "num_actors": 1, "concurrency": 4, "timeout_s": 5},
         # One student, not one per fold: cross-fitting has its own tests, and this one is about the cluster.
         "distill": {"base_model": student, "cross_fit": False, "strategy": "ddp", "epochs": 1, "batch_size": 4, "cpus_per_worker": 1,
@@ -109,44 +114,58 @@ def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tin
         assert len([n for n in nodes if n.state == "ALIVE"]) == 2
         worker_node = next(n.node_id for n in nodes if not n.is_head_node)
 
-        with FaultServer(scripts=[[]]) as teacher:
-            config = _pipeline_config(tmp_path, tiny_student[0], teacher.base_url)
-            runtime_env = {"excludes": [".git", ".venv", "runs", "bench", ".bench-venv-recbole"]}
-            job_id = f"slim-ray-pipeline-{os.getpid()}"
-            subprocess.run(
-                [RAY, "job", "submit", f"--address={dashboard}", "--no-wait", f"--submission-id={job_id}",
-                 f"--working-dir={REPO}",
-                 f"--runtime-env-json={json.dumps(runtime_env)}", "--",
-                 sys.executable, "-m", "jobs.pipeline", "--config", str(config)],
-                env=env, check=True, capture_output=True, text=True, timeout=120)
-            client = JobSubmissionClient(dashboard)
-            backfill_out = tmp_path / "run" / "backfill" / "rationales.parquet"
+        config = _pipeline_config(tmp_path, tiny_student[0], f"http://127.0.0.1:{free_port()}/v1")
+        runtime_env = {"excludes": [".git", ".venv", "runs", "bench", ".bench-venv-recbole"]}
+        job_id = f"slim-ray-pipeline-{os.getpid()}"
+        subprocess.run(
+            [RAY, "job", "submit", f"--address={dashboard}", "--no-wait", f"--submission-id={job_id}",
+             f"--working-dir={REPO}",
+             f"--runtime-env-json={json.dumps(runtime_env)}", "--",
+             sys.executable, "-m", "jobs.pipeline", "--config", str(config)],
+            env=env, check=True, capture_output=True, text=True, timeout=120)
+        client = JobSubmissionClient(dashboard)
+        backfill_out = tmp_path / "run" / "backfill" / "rationales.parquet"
 
-            killed_mid_backfill, deadline = False, time.time() + 600
-            while time.time() < deadline and client.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING):
-                students = [a for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
-                            if "StudentActor" in a.class_name and a.node_id == worker_node]
-                if students and not killed_mid_backfill:
-                    assert not backfill_out.exists()
-                    raylets = [p for p in _processes_with(f"--node_manager_port={worker['node_manager']}")
-                               if "raylet" in p.name()]
-                    assert len(raylets) == 1
-                    _kill_tree(raylets[0])  # the node and every worker process on it
-                    killed_mid_backfill = True
-                time.sleep(0.3)
-            status, logs = client.get_job_status(job_id), client.get_job_logs(job_id)
-            assert status == JobStatus.SUCCEEDED, logs[-4000:]
+        killed_mid_backfill, deadline = False, time.time() + 600
+        while time.time() < deadline and client.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING):
+            students = [a for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
+                        if "StudentActor" in a.class_name and a.node_id == worker_node]
+            if students and not killed_mid_backfill:
+                assert not backfill_out.exists()
+                raylets = [p for p in _processes_with(f"--node_manager_port={worker['node_manager']}")
+                           if "raylet" in p.name()]
+                assert len(raylets) == 1
+                _kill_tree(raylets[0])  # the node and every worker process on it
+                killed_mid_backfill = True
+            time.sleep(0.3)
+        status, logs = client.get_job_status(job_id), client.get_job_logs(job_id)
+        assert status == JobStatus.SUCCEEDED, logs[-4000:]
         assert killed_mid_backfill, "the backfill never ran an actor on the worker node"
+        actors = list_actors(address=dashboard, limit=10000)
+        services = [a for a in actors if a.class_name == "TeacherService"]
+        teachers = [a for a in actors if "TeacherActor" in a.class_name]
+        assert len(services) == 1 and services[0].state == "DEAD"  # stopped with its stage
+        assert teachers and all(a.node_id == worker_node != services[0].node_id for a in teachers)
         assert not any(n.state == "ALIVE" for n in list_nodes(address=dashboard) if n.node_id == worker_node)
 
         rows = pd.read_parquet(backfill_out)
         users = pd.read_parquet(tmp_path / "run" / "prepared" / "sequences.parquet")["user_id"]
+        ledger = json.loads((tmp_path / "run" / "teacher" / "ledger.json").read_text())
+        manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+        if os.environ.get("SLIM_RAY_MULTINODE_REPORT"):  # bench/multinode.py runs this scenario and reports it
+            Path(os.environ["SLIM_RAY_MULTINODE_REPORT"]).write_text(json.dumps({
+                "rows_expected": 3 * len(users), "rows_written": len(rows),
+                "duplicate_rows": int(rows.duplicated(["user_id", "split"]).sum()),
+                "teacher_actors_on_worker": sum(a.node_id == worker_node for a in teachers),
+                "teacher_service_on_worker": services[0].node_id == worker_node,
+                # every request of the stage came from its actors, all on the worker node (asserted above)
+                "teacher_requests_from_worker": ledger["requests"] if all(a.node_id == worker_node for a in teachers) else 0,
+                "killed_node": killed_mid_backfill, "job_status": str(status),
+                "stage_wall_s": {k: v["wall_s"] for k, v in manifest["stages"].items()}}, indent=2))
         # every (user, split prefix) exactly once, every user present
         assert not rows.duplicated(["user_id", "split"]).any() and set(rows["user_id"]) == set(users)
         assert len(rows) == 3 * len(users)  # train, valid and test prefixes (6-item ring histories)
-        ledger = json.loads((tmp_path / "run" / "teacher" / "ledger.json").read_text())
         assert ledger["candidates"] == "backbone" and ledger["rationales"] == 24  # grounded by the trained SASRec
-        manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
         assert list(manifest["stages"])[-1] == "serve-demo" and not any(s["skipped"] for s in manifest["stages"].values())
         assert manifest["stages"]["serve-demo"]["result"]["known user"]["status"] == 200
         assert "serve-demo" in logs and (tmp_path / "run" / "report" / "report.md").is_file()

@@ -212,3 +212,29 @@ def test_a_loopback_teacher_is_refused_on_a_cluster_of_several_machines():
         check_reachable("http://127.0.0.1:8011/v1", {"10.0.0.4"}, local_cpus=0)
     check_reachable("http://127.0.0.1:8011/v1", {"10.0.0.4"})
     check_reachable("http://10.0.0.4:8011/v1", {"10.0.0.4", "10.0.0.5"})
+
+
+FAULT_SERVER_COMMAND = [sys.executable, "-m", "slim_ray.fault_server", "--host", "{host}", "--port", "{port}",
+                        "--no-faults"]
+
+
+@pytest.mark.slow
+def test_launch_local_runs_the_configured_server_for_the_stage_only(ring_dataset):
+    """launch_local with a silent loopback base_url starts teacher.server_command (here the fault server
+    standing in for llama.cpp or vLLM) for the stage, answers every row through it, and stops it."""
+    from slim_ray.serve_app import free_port
+    from slim_ray.teacher_server import is_up
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    cfg = load_config(None, [f"data.interactions={ring_dataset / 'r.inter'}", f"data.items={ring_dataset / 'r.item'}",
+                             f"run.output_dir={ring_dataset / 'launched'}", "ray.object_store_memory_mb=100",
+                             f"teacher.base_url={url}", "teacher.model=fault-model", "teacher.num_samples=8",
+                             "teacher.n_candidates=5", "teacher.launch_local=true",
+                             f"teacher.server_command={json.dumps(FAULT_SERVER_COMMAND)}"])
+    run_prepare(cfg.data, cfg.prepared_dir)
+    assert not is_up(url)
+    ledger = run_teach(cfg)
+    assert ledger["rationales"] == 8 and ledger["failures"] == 0
+    assert not is_up(url)  # gone with the stage
+    assert (ring_dataset / "launched" / "teacher_server.log").is_file()
+
