@@ -248,26 +248,33 @@ def report(results: dict, signal: dict) -> None:
     notes.append("Runs: " + "; ".join(f"`{c}`" for c in dict.fromkeys(
         c for v in results.values() for m in v.values() for c in m["commands"])) + ".")
     notes.append("Chart: `bench/results/slim.png` (test NDCG@10 per variant, mean ± std over seeds; the dotted line is "
-                 "each backbone's base), drawn from these results by the same command.")
+                 "each backbone's base; grey bars were trained under another objective or budget than the base, named in "
+                 "their label, and do not compare with the line), drawn from these results by the same command.")
     publish("slim", "SLIM fusion on ML-100k, v2 (leak-free checkpoints, grounded cross-fitted student)",
             {"version": 2, "summary": summary, "results": results, "signal": signal}, "\n".join(lines), "\n\n".join(notes))
     chart(results, ROOT / "bench" / "results" / "slim.png")
 
 
 def chart(results: dict, path: Path) -> None:
-    """One panel per backbone: test NDCG@10 (full ranking) of every variant, the base as a dotted line."""
+    """One panel per backbone: test NDCG@10 (full ranking) of every variant, the base as a dotted line;
+    grey bars were trained under another budget or objective than the base (labelled), so not against it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = {bb: sorted(v.items(), key=lambda kv: (ORDER.index(kv[0].split("-")[0]), kv[0])) for bb, v in results.items()}
-    fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 0.45 * max(len(r) for r in rows.values()) + 1.5),
+    fig, axes = plt.subplots(1, len(rows), figsize=(6.5 * len(rows), 0.45 * max(len(r) for r in rows.values()) + 1.5),
                              squeeze=False)
     for ax, (backbone, variants) in zip(axes[0], rows.items()):
-        names = [f"{k} ({len(e['seeds'])} seed{'s' * (len(e['seeds']) > 1)})" for k, e in variants]
+        base = dict(variants).get("none")
+        other = [base is not None and not same_budget(e, base) for _, e in variants]  # not comparable to the line
+        names = [f"{k} ({len(e['seeds'])} seed{'s' * (len(e['seeds']) > 1)}"
+                 + (f"; {e.get('objective', 'prefix')}, {e['max_epochs']} ep" if o else "") + ")"
+                 for (k, e), o in zip(variants, other)]
         means = [e["full/ndcg@10"]["mean"] for _, e in variants]
-        ax.barh(names, means, xerr=[e["full/ndcg@10"]["std"] for _, e in variants], color="tab:blue")
+        ax.barh(names, means, xerr=[e["full/ndcg@10"]["std"] for _, e in variants],
+                color=["tab:gray" if o else "tab:blue" for o in other])
         for y, m in enumerate(means):
             ax.text(m, y, f" {m:.4f}", va="center", fontsize=8)
         if "none" in dict(variants):

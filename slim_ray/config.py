@@ -93,8 +93,8 @@ class DLLM2RecConfig(_Section):
 
 def all_positions_fits(backbone: str, fusion: str, leaky_baseline: bool = False) -> bool:
     """train.objective=all_positions needs an output after every position (causal SASRec, GRU4Rec) and
-    a fusion that adds a per-position vector (none, text, slim); leaky_baseline is prefix-only."""
-    return backbone in ("SASRec", "GRU4Rec") and fusion in ("none", "text", "slim") and not leaky_baseline
+    a fusion that works per position (not the backbone-free text_match); leaky_baseline is prefix-only."""
+    return backbone in ("SASRec", "GRU4Rec") and fusion != "text_match" and not leaky_baseline
 
 
 class LoopConfig(_Section):
@@ -134,8 +134,8 @@ class TrainConfig(LoopConfig):
     objective: Literal["prefix", "all_positions"] = Field(
         "prefix", description="prefix = RecBole's: one row per history prefix, loss at its last position; "
         "all_positions = the original SASRec's: one row per window of a user's training sequence, loss "
-        "at every position (same targets, one forward pass per window; SASRec/GRU4Rec with fusion "
-        "none/text/slim). batch_size counts rows of the chosen kind.")
+        "at every position (same targets, one forward pass per window; SASRec/GRU4Rec, any fusion but "
+        "text_match). batch_size counts rows of the chosen kind.")
     rationale: Literal["all", "step1", "step2", "step3"] = Field(
         "all", description="Which rationale vector fusion uses (the paper's step ablation).")
     max_staleness: int | None = Field(None, ge=0, description="A training row uses its latest checkpoint's "
@@ -155,8 +155,8 @@ class TrainConfig(LoopConfig):
     @model_validator(mode="after")
     def _objective_fits(self) -> "TrainConfig":
         if self.objective == "all_positions" and not all_positions_fits(self.backbone, self.fusion, self.leaky_baseline):
-            raise ValueError(f"train.objective=all_positions needs a causal backbone (SASRec, GRU4Rec) and fusion "
-                             f"none/text/slim without leaky_baseline (got {self.backbone}, {self.fusion})")
+            raise ValueError(f"train.objective=all_positions needs a causal backbone (SASRec, GRU4Rec), a fusion other "
+                             f"than text_match, and no leaky_baseline (got {self.backbone}, {self.fusion})")
         return self
 
 

@@ -10,7 +10,8 @@ Two parts, as in the paper:
     through an MLP into the backbone's item space and is added to its item vectors.
 Our backbones train with cross-entropy over all items, so the ranking term is a weighted soft-label
 cross-entropy (log-softmax over all items) rather than the paper's log-sigmoid for BCE backbones:
-same targets and weights, on the scale of the loss it is added to.
+same targets and weights, on the scale of the loss it is added to. Under train.objective=all_positions
+every target of a window takes its own checkpoint's items, as its prefix row would.
 """
 
 from __future__ import annotations
@@ -103,15 +104,37 @@ class DLLM2Rec(SequentialRecommender):
     def user_vectors(self, batch: dict) -> torch.Tensor:
         return self.inner.user_vectors(batch)
 
+    def seq_outputs(self, item_seq: torch.Tensor) -> torch.Tensor:
+        return self.inner.seq_outputs(item_seq)
+
+    def position_vectors(self, batch: dict) -> torch.Tensor:
+        return self.inner.position_vectors(batch)
+
     def calculate_loss(self, batch: dict) -> torch.Tensor:
-        logits = self.full_sort_predict(batch)
-        loss = F.cross_entropy(logits, batch["pos_item"].long())
-        if "teacher_items" not in batch:
+        pos_item, item_seq = batch["pos_item"].long(), batch["item_seq"].long()
+        targets = batch.get("teacher_items")
+        if pos_item.dim() == 2:  # all positions: every target of a window is a row of its own
+            present = pos_item > 0
+            logits = self.position_vectors(batch)[present] @ self.item_vectors().t()
+            pos_item = pos_item[present]
+            if targets is not None:
+                # the history of the target after position p is the window up to p
+                upto = torch.arange(item_seq.size(1), device=item_seq.device)
+                upto = upto[None, :] <= upto[:, None]  # [p, j]: j <= p
+                targets = targets.long()
+                seen = ((targets[..., None] == item_seq[:, None, None, :]) & upto[None, :, None, :]).any(-1)
+                targets, confidence = (targets * ~seen)[present], batch["teacher_conf"][present]
+        else:
+            logits = self.full_sort_predict(batch)
+            if targets is not None:
+                # a checkpoint's named items may be in this row's own history (items seen between the
+                # cut and the target): never distil a seen item as a positive
+                targets = targets.long()
+                targets = targets * ~(targets[:, :, None] == item_seq[:, None, :]).any(-1)
+                confidence = batch["teacher_conf"]
+        loss = F.cross_entropy(logits, pos_item)
+        if targets is None:
             return loss
-        targets = batch["teacher_items"].long()
-        # a checkpoint's named items may be in this row's own history (items seen between the cut and
-        # the target): never distil a seen item as a positive
-        targets = targets * ~(targets[:, :, None] == batch["item_seq"].long()[:, None, :]).any(-1)
-        weights = importance_weights(targets, batch["teacher_conf"], logits, self.cfg)
+        weights = importance_weights(targets, confidence, logits, self.cfg)
         distill = -(weights * logits.log_softmax(1).gather(1, targets)).sum(1)  # 0 for rows without targets
         return loss + self.cfg.ranking_weight * distill.mean()

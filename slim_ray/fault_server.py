@@ -1,4 +1,4 @@
-"""A fault-injecting OpenAI-compatible chat server on 127.0.0.1, for tests and benchmarks.
+"""A fault-injecting OpenAI-compatible chat server (127.0.0.1 unless --host), for tests and benchmarks.
 
 Real HTTP (stdlib ThreadingHTTPServer). Each prompt gets a scripted fault sequence chosen from its
 content hash, so a run is reproducible whatever the request order:
@@ -12,6 +12,7 @@ content hash, so a run is reproducible whatever the request order:
 `stats()` reports per-prompt request and success counts, to prove nothing is lost or paid twice.
 
   python -m slim_ray.fault_server --port 8099     # stand-alone
+  python -m slim_ray.fault_server --host 0.0.0.0 --port 8099 --no-faults   # every request answered
 """
 
 from __future__ import annotations

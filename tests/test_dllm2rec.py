@@ -103,3 +103,25 @@ def test_distilling_the_llm_items_teaches_what_noisy_targets_do_not():
             top1 = model.eval().full_sort_predict(test)[:, 1:].argmax(1) + 1
         hit[name] = float((top1 == test_follow).float().mean())
     assert hit["distilled"] >= hit["ce"] + 0.15, hit
+
+
+def test_all_positions_distillation_is_the_prefix_distillation_over_the_same_targets():
+    """Under train.objective=all_positions each target of a window takes its own checkpoint's named
+    items, minus those already in the window up to its position: the loss equals the prefix rows'."""
+    torch.manual_seed(0)
+    text = torch.randn(10, 8)
+    model = build_model("slim+dllm2rec", "SASRec", 10, 5, {}, text, {"top_k": 2, "ranking_weight": 0.7}).eval()
+    seq, targets, user_text = [3, 1, 4, 2, 5], [1, 4, 2, 5, 9], torch.randn(5, 8)
+    named = torch.tensor([[4, 6], [1, 7], [3, 8], [9, 2], [0, 0]])  # [1, 7]: 1 is in its history; [3, 8]: 3 too
+    conf = torch.tensor([[1.0, 0.9], [1.0, 1.0], [0.8, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    window = {"item_seq": torch.tensor([seq]), "item_seq_len": torch.tensor([5]), "pos_item": torch.tensor([targets]),
+              "user_text": user_text[None], "teacher_items": named[None], "teacher_conf": conf[None]}
+    prefixes = {"item_seq": torch.tensor([seq[:t] + [0] * (5 - t) for t in range(1, 6)]),
+                "item_seq_len": torch.arange(1, 6), "pos_item": torch.tensor(targets), "user_text": user_text,
+                "teacher_items": named, "teacher_conf": conf}
+    assert torch.allclose(model.calculate_loss(window), model.calculate_loss(prefixes), atol=1e-5)
+    without = {k: v for k, v in prefixes.items() if not k.startswith("teacher")}
+    assert not torch.allclose(model.calculate_loss(prefixes), model.calculate_loss(without), atol=1e-3)
+    window["pos_item"] = torch.tensor([[1, 4, 2, 0, 0]])  # 0 = no target: the loss covers the first 3
+    assert torch.allclose(model.calculate_loss(window), model.calculate_loss({k: v[:3] for k, v in prefixes.items()}),
+                          atol=1e-5)

@@ -1,6 +1,7 @@
 """A real 2-node Ray cluster on this machine (`ray start --head` + `ray start --address`), the whole
 pipeline submitted with `ray job submit`: the teach stage starts the teacher as a cluster service on the
-head and its actor calls it from the worker node; the worker node is killed while the backfill runs on it.
+head and its actor calls it from the worker node; the worker node is killed while the backfill runs on it;
+then `serve deploy serve_configs/recommend.yaml` (this run's config, a free port) answers on the same cluster.
 
 Only processes of this cluster are touched: everything is found through the cluster's own temp dir and
 ports, and killed by PID (never `ray stop`, which would kill every Ray instance on the machine).
@@ -55,6 +56,35 @@ def _processes_with(text: str) -> list[psutil.Process]:
         if any(text in part for part in (p.info["cmdline"] or [])):
             found.append(p)
     return found
+
+
+def _serve_config(root: Path, config: Path, port: int) -> Path:
+    """serve_configs/recommend.yaml as a user would edit it: this run's pipeline config and the model its
+    index stage published (the SLIM one), a free port."""
+    spec = yaml.safe_load((REPO / "serve_configs" / "recommend.yaml").read_text())
+    spec["http_options"] = {"host": "127.0.0.1", "port": port}
+    spec["applications"][0]["args"].update(config=str(config), overrides=["train.fusion=slim"])
+    path = root / "recommend.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _answer(url: str, user: str, deadline: float, dashboard: str, env: dict) -> dict:
+    """The first 200 answer to a known user's request, polling while the deployed application starts."""
+    import httpx
+
+    last = None
+    while time.time() < deadline:
+        try:
+            last = httpx.post(f"{url}/v1/recommend", json={"user_id": user, "k": 5}, timeout=30)
+            if last.status_code == 200:
+                return last.json()
+        except httpx.HTTPError as error:
+            last = error
+        time.sleep(2)
+    status = subprocess.run([str(Path(sys.executable).with_name("serve")), "status", f"--address={dashboard}"],
+                            env=env, capture_output=True, text=True, timeout=60).stdout
+    raise AssertionError(f"serve deploy never answered: {last!r} {getattr(last, 'text', '')[:500]}\n{status[-3000:]}")
 
 
 def _pipeline_config(root: Path, student: str, teacher_url: str) -> Path:
@@ -152,6 +182,25 @@ def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tin
         users = pd.read_parquet(tmp_path / "run" / "prepared" / "sequences.parquet")["user_id"]
         ledger = json.loads((tmp_path / "run" / "teacher" / "ledger.json").read_text())
         manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+        # every (user, split prefix) exactly once, every user present
+        assert not rows.duplicated(["user_id", "split"]).any() and set(rows["user_id"]) == set(users)
+        assert len(rows) == 3 * len(users)  # train, valid and test prefixes (6-item ring histories)
+        assert ledger["candidates"] == "backbone" and ledger["rationales"] == 24  # grounded by the trained SASRec
+        assert list(manifest["stages"])[-1] == "serve-demo" and not any(s["skipped"] for s in manifest["stages"].values())
+        assert manifest["stages"]["serve-demo"]["result"]["known user"]["status"] == 200
+        assert "serve-demo" in logs and (tmp_path / "run" / "report" / "report.md").is_file()
+        assert (tmp_path / "run" / "report" / "metrics.png").is_file()
+
+        # The production path on the same cluster: `serve deploy serve_configs/recommend.yaml`, pointed at this
+        # run's config and at a free port (8000 may be taken on a shared machine), answers a known user.
+        serve_port, deploy_start = free_port(), time.time()
+        subprocess.run([str(Path(sys.executable).with_name("serve")), "deploy", f"--address={dashboard}",
+                        str(_serve_config(tmp_path, config, serve_port))],
+                       env=env, check=True, capture_output=True, text=True, timeout=120)
+        known_user = str(pd.read_parquet(tmp_path / "run" / "prepared" / "sequences.parquet")["raw_user_id"].iloc[0])
+        answer = _answer(f"http://127.0.0.1:{serve_port}", known_user, time.time() + 240, dashboard, env)
+        serve_deploy_s = time.time() - deploy_start
+        assert answer["items"] and answer["rationale_source"] == "cached"
         if os.environ.get("SLIM_RAY_MULTINODE_REPORT"):  # bench/multinode.py runs this scenario and reports it
             Path(os.environ["SLIM_RAY_MULTINODE_REPORT"]).write_text(json.dumps({
                 "rows_expected": 3 * len(users), "rows_written": len(rows),
@@ -161,15 +210,8 @@ def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tin
                 # every request of the stage came from its actors, all on the worker node (asserted above)
                 "teacher_requests_from_worker": ledger["requests"] if all(a.node_id == worker_node for a in teachers) else 0,
                 "killed_node": killed_mid_backfill, "job_status": str(status),
-                "stage_wall_s": {k: v["wall_s"] for k, v in manifest["stages"].items()}}, indent=2))
-        # every (user, split prefix) exactly once, every user present
-        assert not rows.duplicated(["user_id", "split"]).any() and set(rows["user_id"]) == set(users)
-        assert len(rows) == 3 * len(users)  # train, valid and test prefixes (6-item ring histories)
-        assert ledger["candidates"] == "backbone" and ledger["rationales"] == 24  # grounded by the trained SASRec
-        assert list(manifest["stages"])[-1] == "serve-demo" and not any(s["skipped"] for s in manifest["stages"].values())
-        assert manifest["stages"]["serve-demo"]["result"]["known user"]["status"] == 200
-        assert "serve-demo" in logs and (tmp_path / "run" / "report" / "report.md").is_file()
-        assert (tmp_path / "run" / "report" / "metrics.png").is_file()
+                "stage_wall_s": {k: v["wall_s"] for k, v in manifest["stages"].items()},
+                "serve_deploy_answered": True, "serve_deploy_s": round(serve_deploy_s, 1)}, indent=2))
     finally:
         for temp_dir in temp_dirs:
             for proc in _processes_with(temp_dir):
