@@ -112,29 +112,27 @@ class DLLM2Rec(SequentialRecommender):
 
     def calculate_loss(self, batch: dict) -> torch.Tensor:
         pos_item, item_seq = batch["pos_item"].long(), batch["item_seq"].long()
-        targets = batch.get("teacher_items")
-        if pos_item.dim() == 2:  # all positions: every target of a window is a row of its own
+        windowed = pos_item.dim() == 2  # all positions: every target of a window is a row of its own
+        if windowed:
             present = pos_item > 0
             logits = self.position_vectors(batch)[present] @ self.item_vectors().t()
             pos_item = pos_item[present]
-            if targets is not None:
-                # the history of the target after position p is the window up to p
-                upto = torch.arange(item_seq.size(1), device=item_seq.device)
-                upto = upto[None, :] <= upto[:, None]  # [p, j]: j <= p
-                targets = targets.long()
-                seen = ((targets[..., None] == item_seq[:, None, None, :]) & upto[None, :, None, :]).any(-1)
-                targets, confidence = (targets * ~seen)[present], batch["teacher_conf"][present]
         else:
             logits = self.full_sort_predict(batch)
-            if targets is not None:
-                # a checkpoint's named items may be in this row's own history (items seen between the
-                # cut and the target): never distil a seen item as a positive
-                targets = targets.long()
-                targets = targets * ~(targets[:, :, None] == item_seq[:, None, :]).any(-1)
-                confidence = batch["teacher_conf"]
         loss = F.cross_entropy(logits, pos_item)
-        if targets is None:
+        if "teacher_items" not in batch:
             return loss
+        targets, confidence = batch["teacher_items"].long(), batch["teacher_conf"]
+        # a checkpoint's named items may be in the target's own history (items seen between the cut and
+        # the target): never distil a seen item as a positive. In a window that history ends at the
+        # target's position.
+        if windowed:
+            upto = torch.arange(item_seq.size(1), device=item_seq.device)
+            upto = upto[None, :] <= upto[:, None]  # [p, j]: j <= p
+            seen = ((targets[..., None] == item_seq[:, None, None, :]) & upto[None, :, None, :]).any(-1)
+            targets, confidence = (targets * ~seen)[present], confidence[present]
+        else:
+            targets = targets * ~(targets[:, :, None] == item_seq[:, None, :]).any(-1)
         weights = importance_weights(targets, confidence, logits, self.cfg)
         distill = -(weights * logits.log_softmax(1).gather(1, targets)).sum(1)  # 0 for rows without targets
         return loss + self.cfg.ranking_weight * distill.mean()
