@@ -4,8 +4,10 @@
 
 On every user's test checkpoint (history s[:n-1], next item s[n-1]):
   candidates_hold_next_item   the grounding ceiling: is the next item among the prompt's candidates?
-  teacher_step3_hit5          teacher set v2 (its users, at their checkpoints): next item among step 3's 5 picks
+  teacher_step3_hit5          teacher set v2 (its users, at their checkpoints): next item among step 3's 5 picks,
+                              against teacher_rows_backbone_top5_hit5 (the fold backbone's top 5 on the same rows)
   backbone_top5_hit5          the fold backbone's own top 5 of the same candidate list
+  random5_hit5                5 of the same candidates drawn at random (exact expectation; teacher_rows_... on its rows)
   student_step3_hit5          the backfilled student rationale's first 5 named unseen items
   popularity_hit5             the 5 most popular unseen items
   rationale_zero_shot_ndcg10  rank all items by cosine(rationale vector, item text vectors), nothing trained,
@@ -13,7 +15,8 @@ On every user's test checkpoint (history s[:n-1], next item s[n-1]):
   explanation_genre_agreement share of the served top-10 items (the trained SLIM model) with a genre named in
                               the rationale's step 2, against the same share for a random other user's rationale
   explanation_step3_in_top10  share of step-3 items that the served top-10 holds, against a random rationale
-The oracles (ORACLES) are the benchmark's positive controls, never a product path.
+The oracles (ORACLES) are the benchmark's positive controls, never a product path. stage_checks turns the
+numbers into the stage where the signal is lost (summary.signal_stages of bench/results/slim.json).
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ def teacher_backfill(workdir: Path, teacher_set: Path) -> None:
     """SLIM⁻ (the paper's row): the teacher's own rationales, used directly on the users it covers, each at
     the checkpoint it was written for (the text the student learns: distill.training_target), re-encoded;
     every other checkpoint row is dropped, so the rest fuse no rationale. Leak-free like the student's:
-    written from s[:cut] with candidates from a fold backbone that never saw the user."""
+    written from s[:cut] (its `seen_ids`; `history_ids` holds only the prompt's last items) with candidates
+    from a fold backbone that never saw the user. Those fold backbones are the teacher sitting's own, not
+    necessarily this run's, so each row carries the candidates the teacher was shown."""
     from slim_ray.distill import training_target
     from slim_ray.text_encoder import DEFAULT_ENCODER, load_encoder
 
@@ -76,11 +81,12 @@ def teacher_backfill(workdir: Path, teacher_set: Path) -> None:
     if len(rows) != len(texts):
         raise SystemExit(f"{len(texts) - len(rows)} teacher checkpoints are not checkpoints of this run's backfill")
     for row in rows.itertuples():  # the leak guard audits these rows: they must be what the teacher saw
-        seen = by_key[(int(row.user_id), int(row.cut))]
-        if list(seen["history_ids"]) != list(row.history_ids) or list(seen["candidate_ids"]) != list(row.candidate_ids):
-            raise SystemExit(f"user {row.user_id} at cut {row.cut}: the teacher's history or candidates differ from "
-                             "this run's (another preparation or other fold backbones: use --fold-models)")
-    rows["rationale"] = [texts[(int(u), int(c))] for u, c in zip(rows["user_id"], rows["cut"])]
+        if list(by_key[(int(row.user_id), int(row.cut))]["seen_ids"]) != list(row.history_ids):
+            raise SystemExit(f"user {row.user_id} at cut {row.cut}: the teacher's history differs from this run's "
+                             "(another preparation of the data)")
+    keys = list(zip(rows["user_id"].astype(int), rows["cut"].astype(int)))
+    rows["candidate_ids"] = [[int(i) for i in by_key[k]["candidate_ids"]] for k in keys]
+    rows["rationale"] = [texts[k] for k in keys]
     parsed = [parse_rationale(t) for t in rows["rationale"]]
     rows["parsed"] = [p.parsed for p in parsed]
     for n in range(3):
@@ -116,12 +122,50 @@ def run_audit(run_dir: Path, teacher_set: Path, results: dict) -> dict:
         out["teacher_rows"] = len(teacher)
         out["teacher_step3_hit5"] = float(np.mean([n in list(i)[:5] for n, i in zip(teacher["next_item_id"], teacher["named_item_ids"])]))
         out["teacher_candidates_hold_next_item"] = float(np.mean([n in c for n, c in zip(teacher["next_item_id"], teacher["candidate_ids"])]))
+        # the same rows and candidates, ranked by this run's fold backbones over the whole history
+        out["teacher_rows_backbone_top5_hit5"] = backbone_top5(cfg, teacher.assign(history_ids=teacher["seen_ids"]))
+        out["teacher_rows_random5_hit5"] = random5_hit5(teacher["next_item_id"], teacher["candidate_ids"])
     out["backbone_top5_hit5"] = backbone_top5(cfg, test)
+    out["random5_hit5"] = random5_hit5(nxt, test["candidate_ids"])
     out["popularity_hit5"] = popularity_hit5(sequences, n_items, cfg.data.folds, test["user_id"], nxt, test["history_ids"])
     counts_train, _ = item_popularity(sequences["train_item_ids"], n_items)
     out.update(zero_shot(run_dir, test, counts_train, n_items))
     out.update(explanation_agreement(cfg, run_dir, items, sequences, test))
     return out
+
+
+def stage_checks(signal: dict, title_oracle_lift: float | None, slim_lift: float | None) -> dict:
+    """Follow the next-item signal along the pipeline; `lost_at` is the first stage whose check fails.
+      teacher  its step-3 picks must beat the fold backbone's own top 5 of the same candidates on its rows
+               (otherwise the rationale tells the backbone nothing it does not already rank);
+      student  its picks keep at least 80% of the teacher's hit rate;
+      encoder  rationale vectors ranked zero-shot beat the mean text of the last 10 items;
+      fusion   the title oracle lifts the backbone at least 1.5x (the machinery), and SLIM beats the base."""
+    s = signal
+    checks = {
+        "teacher": ("teacher_step3_hit5" in s, s.get("teacher_step3_hit5", 0) > s.get("teacher_rows_backbone_top5_hit5", 1),
+                    f"step-3 hit@5 {s.get('teacher_step3_hit5', 0):.3f} vs the backbone's top 5 of the same candidates "
+                    f"{s.get('teacher_rows_backbone_top5_hit5', float('nan')):.3f} and 5 random candidates "
+                    f"{s.get('teacher_rows_random5_hit5', float('nan')):.3f} on the teacher's rows"),
+        "student": (True, s["student_step3_hit5"] >= 0.8 * s.get("teacher_step3_hit5", 0),
+                    f"step-3 hit@5 {s['student_step3_hit5']:.3f} vs the teacher's {s.get('teacher_step3_hit5', float('nan')):.3f}"),
+        "encoder": (True, s["rationale_zero_shot_ndcg10"] > s["last10_zero_shot_ndcg10"],
+                    f"zero-shot NDCG@10 {s['rationale_zero_shot_ndcg10']:.4f} vs the last 10 items' texts "
+                    f"{s['last10_zero_shot_ndcg10']:.4f}"),
+        "fusion": (title_oracle_lift is not None and slim_lift is not None,
+                   (title_oracle_lift or 0) >= 0.5 and (slim_lift or 0) > 0,
+                   f"title oracle {title_oracle_lift or 0:+.0%} over the base (machinery), SLIM {slim_lift or 0:+.1%}"),
+    }
+    out = {stage: {"measured": measured, "passed": measured and ok, "evidence": why}
+           for stage, (measured, ok, why) in checks.items()}
+    out["lost_at"] = next((stage for stage, c in out.items() if c["measured"] and not c["passed"]), None)
+    return out
+
+
+def random5_hit5(next_ids, candidate_ids) -> float:
+    """Expected hit@5 of 5 candidates drawn uniformly from each row's list: what a pick with no
+    knowledge of the user achieves among the same candidates (exact expectation, no sampling)."""
+    return float(np.mean([min(5, len(c)) / len(c) if n in set(c) else 0.0 for n, c in zip(next_ids, candidate_ids)]))
 
 
 def popularity_hit5(sequences: pd.DataFrame, n_items: int, folds: int, user_ids, next_ids, seen_ids) -> float:

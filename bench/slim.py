@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, command, publish  # noqa: E402
-from signal_audit import ORACLES, oracle_backfill, run_audit, teacher_backfill  # noqa: E402
+from signal_audit import ORACLES, oracle_backfill, run_audit, stage_checks, teacher_backfill  # noqa: E402
 
 from slim_ray.config import all_positions_fits, load_config  # noqa: E402
 from slim_ray.fusion import uses_rationale  # noqa: E402
@@ -72,6 +72,7 @@ COMPARISONS = [
     ("slim_minus_over_base_ndcg10", "slim_minus", "none", "SLIM⁻ (the teacher's rationales, on the users it covers) over the base"),
     ("dllm2rec_over_base_ndcg10", "dllm2rec", "none", "DLLM2Rec over the base"),
     ("slim_dllm2rec_over_slim_ndcg10", "slim+dllm2rec", "slim", "SLIM+DLLM2Rec over SLIM"),
+    ("slim_dllm2rec_over_base_ndcg10", "slim+dllm2rec", "none", "SLIM+DLLM2Rec over the base"),
     ("title_oracle_over_base_ndcg10", "title_oracle", "none", "the title oracle over the base"),
     ("genre_oracle_over_base_ndcg10", "genre_oracle", "none", "the genre oracle over the base"),
 ]
@@ -219,6 +220,8 @@ def report(results: dict, signal: dict) -> None:
     for name, a, b, label in COMPARISONS:
         gains = {bb: relative_gain(r[a], r[b]) for bb, r in results.items() if a in r and b in r and same_budget(r[a], r[b])}
         summary[name] = gains
+        summary.setdefault("p_value_by_comparison", {})[name] = {
+            bb: p_value(paired(results[bb][a], results[bb][b])) for bb in gains}
         if gains:
             notes.append(f"Relative test NDCG@10 of {label}: " + ", ".join(
                 f"{bb} {g:+.1%} (per-seed {', '.join(f'{d:+.4f}' for d in paired(results[bb][a], results[bb][b]))}; "
@@ -233,7 +236,12 @@ def report(results: dict, signal: dict) -> None:
     genre = summary.get("genre_oracle_over_base_ndcg10", {})
     summary["share_of_genre_oracle_lift"] = {bb: summary["slim_over_base_ndcg10"][bb] / g
                                              for bb, g in genre.items() if bb in summary["slim_over_base_ndcg10"] and g}
-    summary["signal"] = signal
+    summary["signal"] = {**signal, **{k: summary[k]["SASRec"] for k in ("title_oracle_over_base_ndcg10",
+                                                                       "genre_oracle_over_base_ndcg10") if "SASRec" in summary[k]}}
+    if signal:  # where the signal is lost, judged on SASRec (the table's headline backbone)
+        stages = stage_checks(signal, summary["title_oracle_over_base_ndcg10"].get("SASRec"),
+                              summary["slim_over_base_ndcg10"].get("SASRec"))
+        summary["signal_stages"] = stages
     lines = ["| backbone | variant | objective | rationales | seeds | epochs run | " + " | ".join(f"{p} {m.upper()}" for p, m in COLUMNS) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(COLUMNS)]
     for backbone, variants in results.items():
@@ -245,44 +253,81 @@ def report(results: dict, signal: dict) -> None:
     if signal:
         notes.append("Signal audit (bench/signal_audit.py, test checkpoints): " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in signal.items() if not isinstance(v, dict)) + ".")
+        notes.append(f"Where the signal is lost (bench/signal_audit.py stage_checks): **{stages['lost_at']}**. " + "; ".join(
+            f"{stage} {'passes' if c['passed'] else 'fails' if c['measured'] else 'not measured'} ({c['evidence']})"
+            for stage, c in stages.items() if stage != "lost_at") + ".")
     notes.append("Runs: " + "; ".join(f"`{c}`" for c in dict.fromkeys(
         c for v in results.values() for m in v.values() for c in m["commands"])) + ".")
-    notes.append("Chart: `bench/results/slim.png` (test NDCG@10 per variant, mean ± std over seeds; the dotted line is "
-                 "each backbone's base; grey bars were trained under another objective or budget than the base, named in "
-                 "their label, and do not compare with the line), drawn from these results by the same command.")
+    notes.append("Chart: `bench/results/slim.png` (test NDCG@10: per backbone its real variants, each seed a small dot and "
+                 "mean ± std a large one, zoomed, the dotted line is the base; ID-agnostic text matching beside SASRec's base; "
+                 "the oracles in a last panel of bars from 0; grey marks were trained under another objective or budget "
+                 "than the base, named in their label, and do not compare with the line), drawn from these results by the "
+                 "same command.")
     publish("slim", "SLIM fusion on ML-100k, v2 (leak-free checkpoints, grounded cross-fitted student)",
             {"version": 2, "summary": summary, "results": results, "signal": signal}, "\n".join(lines), "\n\n".join(notes))
     chart(results, ROOT / "bench" / "results" / "slim.png")
 
 
 def chart(results: dict, path: Path) -> None:
-    """One panel per backbone: test NDCG@10 (full ranking) of every variant, the base as a dotted line;
-    grey bars were trained under another budget or objective than the base (labelled), so not against it."""
+    """Test NDCG@10 (full ranking). One panel per backbone with its real variants: each seed a small dot,
+    the mean ± std a large one, the base a dotted line, the axis zoomed on them. The positive controls
+    (oracles, which leak on purpose) in a last panel of bars from 0 beside their base. Grey: trained under
+    another budget or objective than the base (labelled), so not against its line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {bb: sorted(v.items(), key=lambda kv: (ORDER.index(kv[0].split("-")[0]), kv[0])) for bb, v in results.items()}
-    fig, axes = plt.subplots(1, len(rows), figsize=(6.5 * len(rows), 0.45 * max(len(r) for r in rows.values()) + 1.5),
-                             squeeze=False)
-    for ax, (backbone, variants) in zip(axes[0], rows.items()):
-        base = dict(variants).get("none")
-        other = [base is not None and not same_budget(e, base) for _, e in variants]  # not comparable to the line
-        names = [f"{k} ({len(e['seeds'])} seed{'s' * (len(e['seeds']) > 1)}"
-                 + (f"; {e.get('objective', 'prefix')}, {e['max_epochs']} ep" if o else "") + ")"
-                 for (k, e), o in zip(variants, other)]
-        means = [e["full/ndcg@10"]["mean"] for _, e in variants]
-        ax.barh(names, means, xerr=[e["full/ndcg@10"]["std"] for _, e in variants],
-                color=["tab:gray" if o else "tab:blue" for o in other])
-        for y, m in enumerate(means):
-            ax.text(m, y, f" {m:.4f}", va="center", fontsize=8)
-        if "none" in dict(variants):
-            ax.axvline(dict(variants)["none"]["full/ndcg@10"]["mean"], color="k", linestyle=":")
-        ax.invert_yaxis()
+    def ordered(variants: dict) -> list:
+        return sorted(variants.items(), key=lambda kv: (ORDER.index(kv[0].split("-")[0]), kv[0]))
+
+    def label(k: str, e: dict, other: bool) -> str:
+        n = len(e["seeds"])
+        return f"{k} ({n} seed{'s' * (n > 1)}" + (f"; {e.get('objective', 'prefix')}, {e['max_epochs']} ep" if other else "") + ")"
+
+    real = {bb: [(k, e) for k, e in ordered(v) if k.split("-")[0] not in ORACLES] for bb, v in results.items()
+            if bb != ID_AGNOSTIC}
+    if ID_AGNOSTIC in results and "SASRec" in real:  # backbone-free: shown against the SASRec base
+        real["SASRec"] += [(f"{k} ({ID_AGNOSTIC})", e) for k, e in ordered(results[ID_AGNOSTIC])]
+    real = {bb: rows for bb, rows in real.items() if rows}
+    controls = [(bb, k, e) for bb, v in results.items() for k, e in ordered(v) if k.split("-")[0] in ORACLES]
+    panels = len(real) + bool(controls)
+    grid = (panels + 1) // 2
+    height = 0.42 * max([len(r) for r in real.values()] + [len(controls) + 1]) + 1.3
+    fig, axes = plt.subplots(grid, 2, figsize=(14, height * grid), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    for ax, (backbone, variants) in zip(axes, real.items()):
+        base = results[backbone].get("none")
+        other = [base is not None and not same_budget(e, base) for _, e in variants]
+        for y, ((k, e), o) in enumerate(zip(variants, other)):
+            color = "tab:gray" if o else "tab:blue"
+            seeds = [v["full/ndcg@10"] for v in e["per_seed"].values()]
+            ax.plot(seeds, [y] * len(seeds), "o", ms=3, color=color, alpha=0.5)
+            m = e["full/ndcg@10"]
+            ax.errorbar(m["mean"], y, xerr=m["std"], fmt="o", ms=7, color=color, capsize=3)
+            ax.annotate(f"{m['mean']:.4f}", (m["mean"], y), xytext=(0, 7), textcoords="offset points",
+                        ha="center", fontsize=8)
+        if base is not None:
+            ax.axvline(base["full/ndcg@10"]["mean"], color="k", linestyle=":")
+        ax.set_yticks(range(len(variants)), [label(k, e, o) for (k, e), o in zip(variants, other)])
+        ax.set_ylim(len(variants) - 0.5, -0.7)
         ax.set_title(backbone)
         ax.set_xlabel("test NDCG@10 (full ranking)")
+    if controls:
+        ax = axes[panels - 1]
+        rows = [(f"{bb} none", results[bb]["none"], False) for bb in dict.fromkeys(bb for bb, _, _ in controls)
+                if "none" in results[bb]]
+        rows += [(f"{bb} {k}", e, "none" in results[bb] and not same_budget(e, results[bb]["none"])) for bb, k, e in controls]
+        means = [e["full/ndcg@10"]["mean"] for _, e, _ in rows]
+        ax.barh([label(n, e, o) for n, e, o in rows], means, color=["tab:gray" if o else "tab:green" for *_, o in rows])
+        for y, m in enumerate(means):
+            ax.text(m, y, f" {m:.4f}", va="center", fontsize=8)
+        ax.invert_yaxis()
         ax.set_xlim(0, max(means) * 1.25)
+        ax.set_title("positive controls (oracles, benchmark only)")
+        ax.set_xlabel("test NDCG@10 (full ranking)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
