@@ -181,6 +181,11 @@ def main() -> None:
             report(results, signal)  # after every cell: a long sweep killed midway keeps what it measured
 
 
+def ordered(variants: dict) -> list:
+    """A backbone's (variant, entry) pairs in the table's order (tagged checks after their variant)."""
+    return sorted(variants.items(), key=lambda kv: (ORDER.index(kv[0].split("-")[0]), kv[0]))
+
+
 def same_budget(a: dict, b: dict) -> bool:
     """Rows compare only when trained under the same budget (max epochs, patience) and objective."""
     budget = lambda e: (e["max_epochs"], e["patience"], e.get("objective", "prefix"))  # noqa: E731
@@ -213,24 +218,23 @@ def p_value(diffs: list[float]) -> float | None:
 
 
 def report(results: dict, signal: dict) -> None:
-    summary: dict = {"seeds": {}, "p_value": {}}
+    summary: dict = {"seeds": {}}
     notes = ["Mean ± std over seeds; each run trains up to its row's max epochs with early stopping at its patience "
              "(both in bench/results/slim.json) and keeps its best validation-NDCG@10 epoch (history masked); test full "
              "ranking with history masked, and 100 sampled negatives. p: two-sided paired t-test over seeds."]
     for name, a, b, label in COMPARISONS:
         gains = {bb: relative_gain(r[a], r[b]) for bb, r in results.items() if a in r and b in r and same_budget(r[a], r[b])}
+        diffs = {bb: paired(results[bb][a], results[bb][b]) for bb in gains}
         summary[name] = gains
-        summary.setdefault("p_value_by_comparison", {})[name] = {
-            bb: p_value(paired(results[bb][a], results[bb][b])) for bb in gains}
+        summary.setdefault("p_value_by_comparison", {})[name] = pvals = {bb: p_value(d) for bb, d in diffs.items()}
         if gains:
             notes.append(f"Relative test NDCG@10 of {label}: " + ", ".join(
-                f"{bb} {g:+.1%} (per-seed {', '.join(f'{d:+.4f}' for d in paired(results[bb][a], results[bb][b]))}; "
-                f"p {fmt_p(p_value(paired(results[bb][a], results[bb][b])))})" for bb, g in gains.items()) + ".")
+                f"{bb} {g:+.1%} (per-seed {', '.join(f'{d:+.4f}' for d in diffs[bb])}; p {fmt_p(pvals[bb])})"
+                for bb, g in gains.items()) + ".")
+    summary["p_value"] = summary["p_value_by_comparison"]["slim_over_base_ndcg10"]
     for backbone, r in results.items():
         if "slim" in r:
             summary["seeds"][backbone] = len(r["slim"]["seeds"])
-            if "none" in r and same_budget(r["slim"], r["none"]):
-                summary["p_value"][backbone] = p_value(paired(r["slim"], r["none"]))
     slim_runs = [v for r in results.values() for k, e in r.items() if k == "slim" for v in e["per_seed"].values()]
     summary["leak_free"] = bool(slim_runs) and all(v["leak_free"] for v in slim_runs)
     genre = summary.get("genre_oracle_over_base_ndcg10", {})
@@ -245,7 +249,7 @@ def report(results: dict, signal: dict) -> None:
     lines = ["| backbone | variant | objective | rationales | seeds | epochs run | " + " | ".join(f"{p} {m.upper()}" for p, m in COLUMNS) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(COLUMNS)]
     for backbone, variants in results.items():
-        for variant, e in sorted(variants.items(), key=lambda kv: (ORDER.index(kv[0].split("-")[0]), kv[0])):
+        for variant, e in ordered(variants):
             cells = [f"{e[f'{p}/{m}']['mean']:.4f} ± {e[f'{p}/{m}']['std']:.4f}" for p, m in COLUMNS]
             epochs = "/".join(str(v["epochs_run"]) for v in e["per_seed"].values())
             lines.append(f"| {backbone} | {variant} | {e.get('objective', 'prefix')} | {design(e)} | {len(e['seeds'])} | "
@@ -277,9 +281,6 @@ def chart(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    def ordered(variants: dict) -> list:
-        return sorted(variants.items(), key=lambda kv: (ORDER.index(kv[0].split("-")[0]), kv[0]))
 
     def label(k: str, e: dict, other: bool) -> str:
         n = len(e["seeds"])
