@@ -200,7 +200,7 @@ def zero_shot(run_dir: Path, test: pd.DataFrame, popularity: np.ndarray, n_items
         history[r, : len(h)] = torch.as_tensor(list(h))
     last10 = torch.stack([item_text[torch.as_tensor(list(h)[-10:])].sum(0) for h in test["history_ids"]])
     users = {"rationale": torch.from_numpy(np.stack(test["embedding"].to_numpy())), "last10": last10}
-    targets = torch.as_tensor(test["next_item_id"].to_numpy())
+    targets = torch.as_tensor(test["next_item_id"].to_numpy(copy=True))
     out = {}
     for name, vectors in users.items():
         scores = torch.nn.functional.normalize(vectors.float(), dim=1) @ item_text.T
