@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, publish  # noqa: E402
+from _report import PREFIX_OBJECTIVE, ROOT, publish  # noqa: E402
 
 from slim_ray.config import load_config  # noqa: E402
 from slim_ray.datasets import packaged_ml100k_dir  # noqa: E402
@@ -184,7 +184,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     base = load_config(ROOT / "configs" / "ml100k.yaml", [
         f"run.output_dir={args.workdir}", f"train.epochs={args.epochs}", f"train.patience={args.patience}",
-        "train.num_workers=1", "train.cpus_per_worker=2", "train.batch_size=256", "train.lr=0.001",
+        "train.num_workers=1", "train.cpus_per_worker=2", *PREFIX_OBJECTIVE, "train.lr=0.001",
         "train.select_masks_history=false"])
     stats = run_prepare(base.data, base.prepared_dir)
     items, sequences, _ = load_prepared(base.prepared_dir)

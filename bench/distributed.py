@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, publish  # noqa: E402
+from _report import PREFIX_OBJECTIVE, ROOT, publish  # noqa: E402
 
 from slim_ray.config import load_config  # noqa: E402
 from slim_ray.prepare import run_prepare  # noqa: E402
@@ -43,7 +43,7 @@ def main() -> None:
     for name in args.runs:
         cfg = load_config(ROOT / "configs" / "ml100k.yaml", [
             f"run.output_dir={args.workdir}", f"train.epochs={args.epochs}", "train.patience=100",
-            "train.backbone=SASRec", *RUNS[name]])
+            "train.backbone=SASRec", *PREFIX_OBJECTIVE, *RUNS[name]])
         if not cfg.prepared_dir.exists():
             run_prepare(cfg.data, cfg.prepared_dir)
         start = time.perf_counter()

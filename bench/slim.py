@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, command, publish  # noqa: E402
+from _report import PREFIX_OBJECTIVE, ROOT, command, publish  # noqa: E402
 from signal_audit import ORACLES, oracle_backfill, run_audit, stage_checks, teacher_backfill  # noqa: E402
 
 from slim_ray.config import all_positions_fits, load_config  # noqa: E402
@@ -147,8 +147,8 @@ def main() -> None:
             per_seed = {}
             fits = all_positions_fits(backbone, fusion, leaky_baseline="train.leaky_baseline=true" in extra)
             objective = args.objective if fits else "prefix"
-            batch = [f"train.objective={objective}"] + (
-                [f"train.batch_size={args.window_batch}"] if objective == "all_positions" else [])
+            batch = (["train.objective=all_positions", f"train.batch_size={args.window_batch}"]
+                     if objective == "all_positions" else PREFIX_OBJECTIVE)
             for seed in args.seeds:
                 cfg = load_config(ROOT / "configs" / "ml100k.yaml", [
                     *batch, f"run.output_dir={workdirs[source]}", f"run.seed={seed}", f"train.backbone={backbone}",
@@ -361,7 +361,7 @@ def build_run(run_dir: Path, students: Path, overrides: list[str], fold_models: 
     from slim_ray.train import run_train_folds
 
     cfg = load_config(ROOT / "configs" / "ml100k.yaml", [f"run.output_dir={run_dir}", "teacher.candidates=backbone",
-                                                         "train.epochs=8", *overrides])
+                                                         "train.epochs=8", *PREFIX_OBJECTIVE, *overrides])
     if not (cfg.prepared_dir / "stats.json").is_file():
         run_prepare(cfg.data, cfg.prepared_dir)
     names = [fold_model_name(cfg.train.backbone, fold, cfg.data.folds) for fold in range(cfg.data.folds)]

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, publish  # noqa: E402
+from _report import PREFIX_OBJECTIVE, ROOT, publish  # noqa: E402
 
 from slim_ray.candidates import fold_model_name  # noqa: E402
 from slim_ray.config import load_config  # noqa: E402
@@ -83,7 +83,7 @@ def local_run(workdir: Path, samples: int, cache_dir: Path | None, candidates: s
                  # the prompts, and the cache then answers none of them (from 2026-12-01: stride 1, the
                  # fusion design; the first 204 answers at stride 5 stay in the cache unused).
                  "data.checkpoints_per_user=4", "data.checkpoint_stride=1",  # the student learns any of them
-                 f"teacher.candidates={candidates}", f"train.epochs={train_epochs}"]
+                 f"teacher.candidates={candidates}", f"train.epochs={train_epochs}", *PREFIX_OBJECTIVE]
     if cache_dir is not None:  # committed with the export: a later session resumes or extends the set
         overrides.append(f"teacher.cache_dir={cache_dir.resolve()}")
     cfg = load_config(ROOT / "configs" / "ml100k.yaml", overrides)

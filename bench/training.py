@@ -2,6 +2,8 @@
 
   python bench/training.py                                  # SASRec + GRU4Rec both ways, SRGNN prefix; 3 seeds
   python bench/training.py --backbones SASRec --seeds 0     # one backbone, one seed a side
+  python bench/training.py --objectives all_positions       # only these runs; finished runs (any objective)
+                                                            # are reused from --workdir and reported
 
 Both objectives see every training target (t = 1..n-3 of each ML-100k user) once an epoch. `prefix`
 runs one forward pass per target (97k rows, batch 256); `all_positions` one per window of up to 50
@@ -53,7 +55,17 @@ def epoch_gflop(cfg, sequences, n_items: int, sample: int = 64) -> tuple[float, 
     return counter.get_total_flops() / 1e9 * table.num_rows / rows.num_rows, table.num_rows
 
 
+def result_path(backbone: str, objective: str, offset: int, args) -> Path:
+    """Where a run's result is kept; it exists once the run finished."""
+    return args.workdir / f"{backbone}-{objective}-seed{offset}" / "result.json"
+
+
 def one_run(backbone: str, objective: str, offset: int, args) -> dict:
+    """Trains and tests one (backbone, objective, seed); a finished run's result is reused, so an
+    interrupted table resumes where it stopped (a prefix run takes tens of minutes here)."""
+    done = result_path(backbone, objective, offset, args)
+    if done.exists():
+        return json.loads(done.read_text())
     cfg = load_config(ROOT / "configs" / "ml100k.yaml", args.base_overrides + [
         f"run.output_dir={args.workdir / f'{backbone}-{objective}-seed{offset}'}", f"run.seed={42 + offset}",
         f"train.backbone={backbone}", f"train.objective={objective}",
@@ -72,6 +84,7 @@ def one_run(backbone: str, objective: str, offset: int, args) -> dict:
               "epoch_s": epoch_s, "to_best_s": float(sum(train_s[: meta["best_epoch"]])),
               "gflop_per_epoch": gflop, "gflops": gflop / epoch_s, "train_wall_s": meta["train_wall_s"]}
     print(json.dumps(result), flush=True)
+    done.write_text(json.dumps(result))
     return result
 
 
@@ -79,6 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="offsets to run.seed 42")
+    parser.add_argument("--objectives", nargs="+", default=["prefix", "all_positions"], choices=["prefix", "all_positions"],
+                        help="run only these (finished runs of the others are still reported from --workdir)")
     parser.add_argument("--max-epochs", type=int, default=100)
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--window-batch", type=int, default=32, help="windows per batch (all_positions)")
@@ -89,22 +104,22 @@ def main() -> None:
 
     peak = matmul_peak_gflops(2)
     runs = [one_run(backbone, objective, offset, args)
-            for backbone in args.backbones for objective in OBJECTIVES[backbone] for offset in args.seeds]
+            for backbone in args.backbones for objective in OBJECTIVES[backbone] for offset in args.seeds
+            if objective in args.objectives or result_path(backbone, objective, offset, args).exists()]
     values = lambda b, o, key: [r[key] for r in runs if r["backbone"] == b and r["objective"] == o]  # noqa: E731
     mean = lambda b, o, key: float(np.mean(values(b, o, key)))  # noqa: E731
     std = lambda b, o, key: float(np.std(values(b, o, key)))  # noqa: E731
-    pairs = [(b, o) for b in args.backbones for o in OBJECTIVES[b]]
-    summary = {"epoch_s": {b: {o: mean(b, o, "epoch_s") for o in OBJECTIVES[b]} for b in args.backbones},
-               "test_ndcg10": {b: {o: mean(b, o, "test_ndcg10") for o in OBJECTIVES[b]} for b in args.backbones},
-               "to_best_s": {b: {o: mean(b, o, "to_best_s") for o in OBJECTIVES[b]} for b in args.backbones},
+    pairs = [(b, o) for b in args.backbones for o in OBJECTIVES[b] if values(b, o, "seed")]  # those with runs
+    per_pair = lambda key: {b: {o: mean(b, o, key) for bb, o in pairs if bb == b} for b in args.backbones}  # noqa: E731
+    summary = {"epoch_s": per_pair("epoch_s"), "test_ndcg10": per_pair("test_ndcg10"), "to_best_s": per_pair("to_best_s"),
                "gflops": {o: float(np.mean([r["gflops"] for r in runs if r["objective"] == o]))
                           for o in ("prefix", "all_positions") if any(r["objective"] == o for r in runs)},
-               "matmul_peak_gflops": peak, "seeds": len(args.seeds)}
+               "matmul_peak_gflops": peak, "seeds": {f"{b}/{o}": len(values(b, o, "seed")) for b, o in pairs}}
     lines = ["| backbone | objective | seeds | rows/epoch | batch | test NDCG@10 | valid NDCG@10 | best epoch | epoch s "
              "| s to best epoch | GFLOP/epoch | GFLOPS | of matmul peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b, o in pairs:
         first = next(r for r in runs if r["backbone"] == b and r["objective"] == o)
-        lines.append(f"| {b} | {o} | {len(args.seeds)} | {first['rows_per_epoch']} | {first['batch_size']} | "
+        lines.append(f"| {b} | {o} | {len(values(b, o, 'seed'))} | {first['rows_per_epoch']} | {first['batch_size']} | "
                      f"{mean(b, o, 'test_ndcg10'):.4f} ± {std(b, o, 'test_ndcg10'):.4f} | {mean(b, o, 'valid_ndcg10'):.4f} | "
                      f"{mean(b, o, 'best_epoch'):.1f} | {mean(b, o, 'epoch_s'):.1f} | {mean(b, o, 'to_best_s'):.0f} | "
                      f"{first['gflop_per_epoch']:.0f} | {mean(b, o, 'gflops'):.1f} | {mean(b, o, 'gflops') / peak:.1%} |")

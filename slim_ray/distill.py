@@ -187,7 +187,8 @@ def init_adapter(dc: DistillConfig, holdout_fold: int | None) -> str | None:
     so a fold's student only ever continues from weights that never saw that fold), checked for shape."""
     if dc.init_adapters is None:
         return None
-    folder = dc.init_adapters / (f"fold{holdout_fold}" if holdout_fold is not None else "") / "adapter"
+    # Absolute: Ray Train workers run in their own working directory, not the driver's.
+    folder = (dc.init_adapters / (f"fold{holdout_fold}" if holdout_fold is not None else "") / "adapter").resolve()
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
         raise DataError(f"distill.init_adapters: no adapter at {folder}")

@@ -19,7 +19,8 @@ def test_default_yaml_loads_and_keeps_model_defaults_for_data():
     # the split protocol is the library's (RecBole's); only the demo's rationale budget differs
     assert cfg.data == Config().data.model_copy(update={"checkpoints_per_user": 1, "checkpoint_stride": 1})
     assert cfg.run == Config().run
-    assert cfg.train.backbone == "SASRec" and cfg.train.epochs == 3 and cfg.train.cpus_per_worker == 2
+    assert cfg.train.backbone == "SASRec" and cfg.train.epochs == 50 and cfg.train.cpus_per_worker == 2
+    assert cfg.train.objective == "all_positions" and cfg.train.patience == 5  # the demo trains to early stopping
 
 
 def test_overrides_parse_yaml_values(tmp_path):

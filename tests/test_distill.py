@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,8 @@ def test_init_adapters_are_per_fold_and_shape_checked(tmp_path):
     dc = DistillConfig(init_adapters=tmp_path, lora_r=16, target_modules=["q_proj", "v_proj"])
     assert init_adapter(dc, 1) == str(tmp_path / "fold1" / "adapter")  # a fold's student: that fold's adapter
     assert init_adapter(DistillConfig(), 0) is None
+    relative = dc.model_copy(update={"init_adapters": Path(os.path.relpath(tmp_path))})  # as configs/ml100k.yaml has it
+    assert init_adapter(relative, 0) == str(tmp_path / "fold0" / "adapter")  # absolute: workers run elsewhere
     with pytest.raises(DataError, match="r=16"):
         init_adapter(dc.model_copy(update={"lora_r": 8}), 0)
     with pytest.raises(DataError, match="no adapter"):
