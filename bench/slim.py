@@ -361,7 +361,8 @@ def build_run(run_dir: Path, students: Path, overrides: list[str], fold_models: 
     from slim_ray.train import run_train_folds
 
     cfg = load_config(ROOT / "configs" / "ml100k.yaml", [f"run.output_dir={run_dir}", "teacher.candidates=backbone",
-                                                         "train.epochs=8", *PREFIX_OBJECTIVE, *overrides])
+                                                         "train.epochs=8", *PREFIX_OBJECTIVE, "backfill.max_users=null",
+                                                         *overrides])  # every user, unlike the demo
     if not (cfg.prepared_dir / "stats.json").is_file():
         run_prepare(cfg.data, cfg.prepared_dir)
     names = [fold_model_name(cfg.train.backbone, fold, cfg.data.folds) for fold in range(cfg.data.folds)]

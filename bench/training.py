@@ -13,7 +13,7 @@ epoch kept; test NDCG@10 by full ranking with history items masked. `epoch_s` is
 time of an epoch (no validation, no Ray start); `to_best_s` the training seconds up to the kept
 epoch. GFLOP per epoch: torch's FlopCounterMode on forward + backward of the first 64 rows of the
 epoch's table, scaled to all its rows; achieved GFLOPS = that / epoch_s, against the fp32 matmul
-peak measured in the same run (2 threads). Writes bench/results/training.json and a BENCHMARKS.md section.
+peak measured at the start of the invocation that ran it (2 threads). Writes bench/results/training.json and a BENCHMARKS.md section.
 """
 
 from __future__ import annotations
@@ -55,21 +55,28 @@ def epoch_gflop(cfg, sequences, n_items: int, sample: int = 64) -> tuple[float, 
     return counter.get_total_flops() / 1e9 * table.num_rows / rows.num_rows, table.num_rows
 
 
-def result_path(backbone: str, objective: str, offset: int, args) -> Path:
-    """Where a run's result is kept; it exists once the run finished."""
-    return args.workdir / f"{backbone}-{objective}-seed{offset}" / "result.json"
+def settings(objective: str, args) -> dict:
+    """What a run was trained under: a finished run counts for the table only under the same settings."""
+    return {"max_epochs": args.max_epochs, "patience": args.patience,
+            "batch_size": args.window_batch if objective == "all_positions" else 256}
 
 
-def one_run(backbone: str, objective: str, offset: int, args) -> dict:
-    """Trains and tests one (backbone, objective, seed); a finished run's result is reused, so an
+def finished_runs(args) -> list[dict]:
+    """Every run in --workdir that finished under this invocation's settings (any backbone or objective)."""
+    found = [json.loads(path.read_text()) for path in sorted(args.workdir.glob("*/result.json"))]
+    return [r for r in found if r["settings"] == settings(r["objective"], args)]
+
+
+def one_run(backbone: str, objective: str, offset: int, args) -> None:
+    """Trains and tests one (backbone, objective, seed) unless it finished under the same settings, so an
     interrupted table resumes where it stopped (a prefix run takes tens of minutes here)."""
-    done = result_path(backbone, objective, offset, args)
-    if done.exists():
-        return json.loads(done.read_text())
+    done = args.workdir / f"{backbone}-{objective}-seed{offset}" / "result.json"
+    if done.exists() and json.loads(done.read_text()).get("settings") == settings(objective, args):
+        return
     cfg = load_config(ROOT / "configs" / "ml100k.yaml", args.base_overrides + [
         f"run.output_dir={args.workdir / f'{backbone}-{objective}-seed{offset}'}", f"run.seed={42 + offset}",
         f"train.backbone={backbone}", f"train.objective={objective}",
-        f"train.batch_size={args.window_batch if objective == 'all_positions' else 256}"])
+        f"train.batch_size={settings(objective, args)['batch_size']}"])
     run_prepare(cfg.data, cfg.prepared_dir)
     items, sequences, _ = load_prepared(cfg.prepared_dir)
     gflop, rows = epoch_gflop(cfg, sequences, len(items) + 1)
@@ -82,10 +89,10 @@ def one_run(backbone: str, objective: str, offset: int, args) -> dict:
               "batch_size": cfg.train.batch_size, "best_epoch": meta["best_epoch"], "epochs_run": meta["epochs_run"],
               "valid_ndcg10": meta[SELECT_METRIC], "test_ndcg10": test["ndcg@10"], "test_hr10": test["hr@10"],
               "epoch_s": epoch_s, "to_best_s": float(sum(train_s[: meta["best_epoch"]])),
-              "gflop_per_epoch": gflop, "gflops": gflop / epoch_s, "train_wall_s": meta["train_wall_s"]}
+              "gflop_per_epoch": gflop, "gflops": gflop / epoch_s, "train_wall_s": meta["train_wall_s"],
+              "matmul_peak_gflops": args.peak, "settings": settings(objective, args)}
     print(json.dumps(result), flush=True)
     done.write_text(json.dumps(result))
-    return result
 
 
 def main() -> None:
@@ -102,19 +109,27 @@ def main() -> None:
     args.base_overrides = [f"train.epochs={args.max_epochs}", f"train.patience={args.patience}",
                            "train.num_workers=1", "train.cpus_per_worker=2", "train.lr=0.001", "train.fusion=none"]
 
-    peak = matmul_peak_gflops(2)
-    runs = [one_run(backbone, objective, offset, args)
-            for backbone in args.backbones for objective in OBJECTIVES[backbone] for offset in args.seeds
-            if objective in args.objectives or result_path(backbone, objective, offset, args).exists()]
+    args.peak = matmul_peak_gflops(2)  # this invocation's; each run keeps the peak measured beside it
+    for backbone in args.backbones:
+        for objective in [o for o in OBJECTIVES[backbone] if o in args.objectives]:
+            for offset in args.seeds:
+                one_run(backbone, objective, offset, args)
+    runs = finished_runs(args)
     values = lambda b, o, key: [r[key] for r in runs if r["backbone"] == b and r["objective"] == o]  # noqa: E731
     mean = lambda b, o, key: float(np.mean(values(b, o, key)))  # noqa: E731
     std = lambda b, o, key: float(np.std(values(b, o, key)))  # noqa: E731
-    pairs = [(b, o) for b in args.backbones for o in OBJECTIVES[b] if values(b, o, "seed")]  # those with runs
-    per_pair = lambda key: {b: {o: mean(b, o, key) for bb, o in pairs if bb == b} for b in args.backbones}  # noqa: E731
+    for r in runs:
+        r["of_peak"] = r["gflops"] / r["matmul_peak_gflops"]
+    pairs = [(b, o) for b in OBJECTIVES for o in OBJECTIVES[b] if values(b, o, "seed")]  # those with runs
+    backbones = list(dict.fromkeys(b for b, _ in pairs))
+    per_pair = lambda key: {b: {o: mean(b, o, key) for bb, o in pairs if bb == b} for b in backbones}  # noqa: E731
+    by_objective = lambda key: {o: float(np.mean([r[key] for r in runs if r["objective"] == o]))  # noqa: E731
+                                for o in ("prefix", "all_positions") if any(r["objective"] == o for r in runs)}
+    peaks = [r["matmul_peak_gflops"] for r in runs]
     summary = {"epoch_s": per_pair("epoch_s"), "test_ndcg10": per_pair("test_ndcg10"), "to_best_s": per_pair("to_best_s"),
-               "gflops": {o: float(np.mean([r["gflops"] for r in runs if r["objective"] == o]))
-                          for o in ("prefix", "all_positions") if any(r["objective"] == o for r in runs)},
-               "matmul_peak_gflops": peak, "seeds": {f"{b}/{o}": len(values(b, o, "seed")) for b, o in pairs}}
+               "gflops": by_objective("gflops"), "gflops_of_matmul_peak": by_objective("of_peak"),
+               "matmul_peak_gflops": float(np.mean(peaks)),
+               "seeds": {f"{b}/{o}": len(values(b, o, "seed")) for b, o in pairs}}
     lines = ["| backbone | objective | seeds | rows/epoch | batch | test NDCG@10 | valid NDCG@10 | best epoch | epoch s "
              "| s to best epoch | GFLOP/epoch | GFLOPS | of matmul peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b, o in pairs:
@@ -122,10 +137,11 @@ def main() -> None:
         lines.append(f"| {b} | {o} | {len(values(b, o, 'seed'))} | {first['rows_per_epoch']} | {first['batch_size']} | "
                      f"{mean(b, o, 'test_ndcg10'):.4f} ± {std(b, o, 'test_ndcg10'):.4f} | {mean(b, o, 'valid_ndcg10'):.4f} | "
                      f"{mean(b, o, 'best_epoch'):.1f} | {mean(b, o, 'epoch_s'):.1f} | {mean(b, o, 'to_best_s'):.0f} | "
-                     f"{first['gflop_per_epoch']:.0f} | {mean(b, o, 'gflops'):.1f} | {mean(b, o, 'gflops') / peak:.1%} |")
+                     f"{first['gflop_per_epoch']:.0f} | {mean(b, o, 'gflops'):.1f} | {mean(b, o, 'of_peak'):.1%} |")
     notes = (f"ML-100k, Ray Train 1 worker x 2 threads, Adam lr 0.001, up to {args.max_epochs} epochs, patience "
              f"{args.patience} on valid NDCG@10 (history masked), mean ± std over seeds; test full ranking, history "
-             f"masked. fp32 matmul peak at 2 threads in this run: {peak:.0f} GFLOPS. Epoch s is training only; "
+             f"masked. Each run's GFLOPS is set against the fp32 matmul peak (2 threads) measured at the start of "
+             f"the invocation that ran it ({min(peaks):.0f}-{max(peaks):.0f} GFLOPS). Epoch s is training only; "
              "GFLOP counts the model's forward + backward (FlopCounterMode, scaled from 64 rows), not the data "
              "pipeline or the optimizer.")
     publish("training", "Backbone training: prefix vs all-positions objective (ML-100k)",
