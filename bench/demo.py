@@ -4,7 +4,8 @@
   python bench/demo.py --run-dir runs/demo-b -- --set backfill.max_users=200
 
 Runs the README command itself (`bash scripts/demo.sh --fresh`, so no stage is skipped from an
-earlier run), then reads the per-stage wall times from RUN_DIR/manifest.json. The demo's budget is
+earlier run) into an emptied RUN_DIR (so no teacher or student answer comes from an earlier run's
+response cache; the machine's model and wheel caches in ~/.cache/slim-ray stay warm), then reads the per-stage wall times from RUN_DIR/manifest.json. The demo's budget is
 15 minutes on this 2-core machine (target 10). Writes bench/results/demo.json and a BENCHMARKS.md section.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ def main() -> None:
     command = ["bash", "scripts/demo.sh", "--fresh", "--set", f"run.output_dir={args.run_dir}", *args.extra]
     log = ROOT / "runs" / "bench_demo.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
     with log.open("w") as out:
         code = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
@@ -46,7 +49,8 @@ def main() -> None:
     summary = {"demo_wall_s": round(wall, 1), "stage_wall_s": stages, "budget_s": BUDGET_S,
                "within_budget": wall <= BUDGET_S, "setup_and_startup_s": round(wall - sum(stages.values()), 1),
                "backfill_users": backfill["users"], "backfill_rows": backfill["rows"],
-               "backfill_generation_tokens_per_s": backfill["generation_tokens_per_s"], "base_ndcg10": compared["base"],
+               "backfill_generation_tokens_per_s": backfill["generation_tokens_per_s"],
+               "teacher_answers_from_cache": results["teach"]["result"]["from_cache"], "base_ndcg10": compared["base"],
                "slim_ndcg10": compared["slim"]}
     rows = "\n".join(f"| {name} | {seconds:.0f} | {seconds / wall:.0%} |" for name, seconds in stages.items())
     table = (f"| stage | wall s | share |\n|---|---:|---:|\n{rows}\n"
@@ -54,6 +58,7 @@ def main() -> None:
              f"{summary['setup_and_startup_s'] / wall:.0%} |\n| **total** | **{wall:.0f}** ({wall / 60:.1f} min) | |")
     notes = (f"Budget 15 min: {'met' if summary['within_budget'] else 'NOT met'}. Backfill: {backfill['rows']} "
              f"rationales for {backfill['users']} users at {backfill['generation_tokens_per_s']:.1f} tokens/s inside the vLLM calls (engine load, Ray start and encoding excluded). "
+             f"Teacher answers taken from a response cache: {summary['teacher_answers_from_cache']} of {results['teach']['result']['rows']}. "
              f"Base vs SLIM test NDCG@10 at demo budgets: {compared['base']:.4f} vs {compared['slim']:.4f}. "
              "Caches in ~/.cache/slim-ray (offline teacher GGUF + llama.cpp wheel, converted student) were warm; "
              "a first run on a fresh machine also fetches the teacher and compiles llama.cpp (README).")
