@@ -263,7 +263,7 @@ def main() -> None:
     # The hot path: known users whose rationale the backfill wrote (the demo backfills its first 100 users;
     # any other known user asks the student for a fresh one, the path measured under "fresh").
     explained = set(Bundle(cfg.serving_dir, cfg.teacher.n_candidates, cfg.teacher.history_len).rationales)
-    known = [{"user_id": str(raw), "k": 10} for raw, user in zip(sequences["raw_user_id"], sequences["user_id"])
+    known = [{"user_id": str(raw_user), "k": 10} for raw_user, user in zip(sequences["raw_user_id"], sequences["user_id"])
              if int(user) in explained]
     fresh = [{"history": [raw[int(i)] for i in seq[-10:-3]], "k": 10} for seq in sequences["item_ids"]]
     results: dict = {"known_users": len(known)}
