@@ -32,8 +32,15 @@ FAULT_SERVER_COMMAND = [sys.executable, "-m", "slim_ray.fault_server", "--host",
                         "--no-faults"]  # stands in for llama.cpp: the same launch path, seconds instead of minutes
 
 
-def _ports(*names: str) -> dict[str, int]:
-    return {name: free_port() for name in names}
+def _ports(names: list[str], used: set[int]) -> dict[str, int]:
+    """Distinct free ports: the OS may hand the same just-released port to two probes in a row."""
+    ports = {}
+    for name in names:
+        while (port := free_port()) in used:
+            pass
+        used.add(port)
+        ports[name] = port
+    return ports
 
 
 def _start_node(args: list[str], env: dict) -> None:
@@ -121,8 +128,9 @@ def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tin
     # Short paths (Ray's socket paths have a length limit), one per node: nodes on one machine sharing a
     # temp dir would share runtime_resources/, and one node's cleanup would delete the other's job files.
     temp_dirs = [tempfile.mkdtemp(prefix="srmn", dir="/tmp") for _ in range(2)]
-    head = _ports("port", "dashboard", "client", "agent", "agent_grpc", "metrics", "runtime_env")
-    worker = _ports("node_manager", "agent", "agent_grpc", "metrics", "runtime_env")
+    used: set[int] = set()
+    head = _ports(["port", "dashboard", "client", "agent", "agent_grpc", "metrics", "runtime_env", "teacher", "serve"], used)
+    worker = _ports(["node_manager", "agent", "agent_grpc", "metrics", "runtime_env"], used)
     # A loopback-only test cluster: no token auth (a real cluster keeps Ray's token auth on and ships
     # the token to every node and client).
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -144,8 +152,11 @@ def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tin
         assert len([n for n in nodes if n.state == "ALIVE"]) == 2
         worker_node = next(n.node_id for n in nodes if not n.is_head_node)
 
-        config = _pipeline_config(tmp_path, tiny_student[0], f"http://127.0.0.1:{free_port()}/v1")
-        runtime_env = {"excludes": [".git", ".venv", "runs", "bench", ".bench-venv-recbole"]}
+        config = _pipeline_config(tmp_path, tiny_student[0], f"http://127.0.0.1:{head['teacher']}/v1")
+        # Ray Data provisions a pool's actors asynchronously: without the wait, a slow-starting actor on the
+        # worker node can find the head's actor already done with every batch, and there is nothing to kill.
+        runtime_env = {"excludes": [".git", ".venv", "runs", "bench", ".bench-venv-recbole"],
+                       "env_vars": {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"}}
         job_id = f"slim-ray-pipeline-{os.getpid()}"
         subprocess.run(
             [RAY, "job", "submit", f"--address={dashboard}", "--no-wait", f"--submission-id={job_id}",
@@ -156,11 +167,15 @@ def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tin
         client = JobSubmissionClient(dashboard)
         backfill_out = tmp_path / "run" / "backfill" / "rationales.parquet"
 
-        killed_mid_backfill, deadline = False, time.time() + 600
+        killed_mid_backfill, deadline, seen = False, time.time() + 600, {}
         while time.time() < deadline and client.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING):
-            students = [a for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
-                        if "StudentActor" in a.class_name and a.node_id == worker_node]
-            if students and not killed_mid_backfill:
+            students = [a for a in list_actors(address=dashboard) if "StudentActor" in a.class_name]
+            for a in students:  # (node, state) history of every student actor, for the failure message
+                history = seen.setdefault(a.actor_id, [])
+                now = ("worker" if a.node_id == worker_node else "head", a.state)
+                if not history or history[-1][1:] != now:
+                    history.append((round(time.time() - deadline + 600, 1), *now))
+            if any(a.state == "ALIVE" and a.node_id == worker_node for a in students) and not killed_mid_backfill:
                 assert not backfill_out.exists()
                 raylets = [p for p in _processes_with(f"--node_manager_port={worker['node_manager']}")
                            if "raylet" in p.name()]
@@ -170,7 +185,7 @@ def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tin
             time.sleep(0.3)
         status, logs = client.get_job_status(job_id), client.get_job_logs(job_id)
         assert status == JobStatus.SUCCEEDED, logs[-4000:]
-        assert killed_mid_backfill, "the backfill never ran an actor on the worker node"
+        assert killed_mid_backfill, f"the backfill never ran an actor on the worker node: {seen}"
         actors = list_actors(address=dashboard, limit=10000)
         services = [a for a in actors if a.class_name == "TeacherService"]
         teachers = [a for a in actors if "TeacherActor" in a.class_name]
@@ -193,7 +208,7 @@ def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tin
 
         # The production path on the same cluster: `serve deploy serve_configs/recommend.yaml`, pointed at this
         # run's config and at a free port (8000 may be taken on a shared machine), answers a known user.
-        serve_port, deploy_start = free_port(), time.time()
+        serve_port, deploy_start = head["serve"], time.time()
         subprocess.run([str(Path(sys.executable).with_name("serve")), "deploy", f"--address={dashboard}",
                         str(_serve_config(tmp_path, config, serve_port))],
                        env=env, check=True, capture_output=True, text=True, timeout=120)
