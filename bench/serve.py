@@ -260,7 +260,7 @@ def main() -> None:
     publish_bundle(cfg)
     items, sequences, _ = load_prepared(cfg.prepared_dir)
     raw = dict(zip(items["item_id"], items["raw_id"].astype(str)))
-    # The hot path: known users whose rationale the backfill wrote (the demo backfills its first 50 users;
+    # The hot path: known users whose rationale the backfill wrote (the demo backfills its first 40 users;
     # any other known user asks the student for a fresh one, the path measured under "fresh").
     explained = set(Bundle(cfg.serving_dir, cfg.teacher.n_candidates, cfg.teacher.history_len).rationales)
     known = [{"user_id": str(raw_user), "k": 10} for raw_user, user in zip(sequences["raw_user_id"], sequences["user_id"])
