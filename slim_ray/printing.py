@@ -80,8 +80,15 @@ def print_distill(meta: dict) -> None:
     console.print(f"best epoch {meta['best_epoch']} (valid loss {meta['valid_loss']:.4f})")
 
 
+def quality_caption(report: dict) -> str:
+    if "margin95" not in report:  # a report written before the margin was recorded
+        return ""
+    note = "a smoke check, not a measurement (bench/rationales.py measures it)" if report["smoke_check"] else "measured"
+    return f"shares ±{report['margin95']:.2f} at 95% by chance alone: {note}"
+
+
 def print_quality(report: dict) -> None:
-    table = Table(title=f"Rationale quality on {report['teacher']['users']} held-out users")
+    table = Table(title=f"Rationale quality on {report['teacher']['users']} held-out users", caption=quality_caption(report))
     table.add_column("")
     for column in ("format valid", "category hit", "grounding", "off list"):
         table.add_column(column, justify="right")

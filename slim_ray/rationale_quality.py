@@ -13,6 +13,7 @@ whole held-out fold).
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pandas as pd
@@ -36,6 +37,16 @@ def score_rationales(texts: list[str], histories: list[list[int]], next_categori
     n = max(len(texts), 1)
     return {"format_valid": parsed / n, "category_hit": hits / n, "grounding": grounded / named if named else 0.0,
             "off_list": off / grounded if grounded else 0.0, "users": len(texts)}
+
+
+# Shares measured over fewer users than this margin allows (about 97 users) are a smoke check, not a measurement.
+SMOKE_MARGIN = 0.1
+
+
+def share_margin95(users: int) -> float:
+    """Worst-case (share 0.5) half-width of a 95% interval on a share measured over `users` users: how
+    far the table's shares can sit from the truth by chance alone."""
+    return 1.96 * 0.5 / math.sqrt(users) if users else 1.0
 
 
 def heldout_rows(cfg: Config, rows: pd.DataFrame) -> list[tuple[str, dict, pd.DataFrame]]:
@@ -71,7 +82,9 @@ def run_evaluate_rationales(cfg: Config) -> dict:
     def score(texts: list[str]) -> dict:
         return score_rationales(texts, histories, next_categories, index, vocabulary, candidates)
 
-    report = {"teacher": score(rows["rationale"].tolist()), "students": len(students)}
+    margin = share_margin95(len(rows))
+    report = {"teacher": score(rows["rationale"].tolist()), "students": len(students), "margin95": margin,
+              "smoke_check": margin > SMOKE_MARGIN}
     samples = {}
     threads = cfg.distill.cpus_per_worker
     runs = {"untuned": [(students[0][1]["base_path"], rows)], "tuned": [(path, held) for path, _, held in students]}

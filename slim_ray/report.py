@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # files only: no display on cluster nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from slim_ray.pipeline import read_manifest  # noqa: E402
+from slim_ray.printing import quality_caption  # noqa: E402
 
 BAR_METRICS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr@10")
 QUALITY = ("format_valid", "category_hit", "grounding")
@@ -129,6 +130,8 @@ def write_report(run_dir: Path) -> Path:
         lines += ["## Rationale quality (held-out users)", ""] + _table(
             ["model", *QUALITY], [[n, *(quality[n][k] for k in QUALITY)] for n in ("teacher", "untuned", "tuned")
                                   if n in quality])
+        if quality_caption(quality):
+            lines += [quality_caption(quality).capitalize() + ".", ""]
         if plot_quality(results, out / "rationale_quality.png"):
             lines += ["![rationale quality](rationale_quality.png)", ""]
     if "backfill" in results:

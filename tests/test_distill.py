@@ -15,7 +15,8 @@ from slim_ray.distill import (IGNORE, answer_loss, collate, run_distill, split_u
                               training_target)
 from slim_ray.prefixes import fold_of
 from slim_ray.prompts import TitleIndex, student_messages
-from slim_ray.rationale_quality import score_rationales
+from slim_ray.printing import quality_caption
+from slim_ray.rationale_quality import SMOKE_MARGIN, score_rationales, share_margin95
 from slim_ray.storage import load_teacher_rows
 
 
@@ -103,6 +104,14 @@ def test_score_rationales_hand_computed():
     assert report["format_valid"] == pytest.approx(2 / 3)
     assert report["category_hit"] == pytest.approx(1 / 3)
     assert report["grounding"] == pytest.approx(1 / 3)  # 3 named: Heat ok, Toy Story and Casino seen
+
+
+def test_few_held_out_users_make_the_quality_table_a_smoke_check():
+    assert share_margin95(8) == pytest.approx(0.3465, abs=1e-4)  # the demo's 8 users: shares +-0.35
+    assert share_margin95(96) > SMOKE_MARGIN >= share_margin95(97)  # ~97 users bring it under +-0.1
+    assert "smoke check" in quality_caption({"margin95": share_margin95(8), "smoke_check": True})
+    assert "measured" in quality_caption({"margin95": share_margin95(400), "smoke_check": False})
+    assert quality_caption({"teacher": {}}) == ""  # an older report without the margin
 
 
 @pytest.mark.slow

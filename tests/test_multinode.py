@@ -169,7 +169,7 @@ def test_pipeline_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, tin
 
         killed_mid_backfill, deadline, seen = False, time.time() + 600, {}
         while time.time() < deadline and client.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING):
-            students = [a for a in list_actors(address=dashboard) if "StudentActor" in a.class_name]
+            students = [a for a in list_actors(address=dashboard, limit=10000) if "StudentActor" in a.class_name]
             for a in students:  # (node, state) history of every student actor, for the failure message
                 history = seen.setdefault(a.actor_id, [])
                 now = ("worker" if a.node_id == worker_node else "head", a.state)
