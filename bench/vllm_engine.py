@@ -37,15 +37,13 @@ SETTINGS = {"multiprocess": "plain process, engine core in its own process (vLLM
 
 
 def merged_student(base: str, fold: int) -> str:
-    out = WORK / f"fold{fold}_merged"
-    if not (out / "config.json").is_file():
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The committed fold adapter folded into the base, exported as the distill stage exports students."""
+    from slim_ray.distill import export_student
 
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), ADAPTERS / f"fold{fold}" / "adapter")
-        model.merge_and_unload().save_pretrained(out)
-        AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return str(out)
+    out = WORK / f"fold{fold}"
+    if not (out / "merged" / "config.json").is_file():
+        export_student(ADAPTERS / f"fold{fold}" / "adapter", base, out, {"source": str(ADAPTERS / f"fold{fold}")})
+    return str(out / "merged")
 
 
 def run_setting(setting: str, base: str, conversations: list, folds: list[int], max_new_tokens: int) -> dict:
