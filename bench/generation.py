@@ -53,13 +53,13 @@ def prompts(n: int) -> list[list[dict]]:
 
 
 def run_engine(engine: str, model: str, conversations: list[list[dict]], max_new_tokens: int,
-               threads: int, batch_size: int) -> dict:
-    """Runs inside the child process."""
+               threads: int, batch_size: int, options: dict | None = None) -> dict:
+    """Runs inside the child process; `options`: VLLMGenerator's max_num_seqs / max_num_batched_tokens."""
     from slim_ray.student import HFGenerator, VLLMGenerator
 
     start = time.perf_counter()
     if engine == "vllm":
-        generator = VLLMGenerator(model, threads=threads)
+        generator = VLLMGenerator(model, threads=threads, **(options or {}))
     else:
         generator = HFGenerator(model, threads=threads)
     load_s = time.perf_counter() - start
@@ -126,7 +126,7 @@ def main() -> None:
             Path(args.child).write_text(json.dumps({"gflops": matmul_peak_gflops(args.threads)}))
             return
         result = run_engine(spec["engine"], model, spec["conversations"], args.max_new_tokens, args.threads,
-                            args.batch_size)
+                            args.batch_size, spec.get("options"))
         Path(args.child).write_text(json.dumps(result))
         return
 

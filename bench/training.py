@@ -126,7 +126,19 @@ def main() -> None:
     by_objective = lambda key: {o: float(np.mean([r[key] for r in runs if r["objective"] == o]))  # noqa: E731
                                 for o in ("prefix", "all_positions") if any(r["objective"] == o for r in runs)}
     peaks = [r["matmul_peak_gflops"] for r in runs]
+    from scipy import stats
+
+    both = [b for b in backbones if all(values(b, o, "seed") for o in ("prefix", "all_positions"))]
+    # Seeds do not pair runs across objectives (different rows, batches, data order): Welch's test.
+    objective_choice = {b: {"prefix_over_all_positions_ndcg10": mean(b, "prefix", "test_ndcg10")
+                            / mean(b, "all_positions", "test_ndcg10"),
+                            "p_value": float(stats.ttest_ind(values(b, "prefix", "test_ndcg10"),
+                                                             values(b, "all_positions", "test_ndcg10"),
+                                                             equal_var=False).pvalue),
+                            "prefix_over_all_positions_to_best_s": mean(b, "prefix", "to_best_s")
+                            / mean(b, "all_positions", "to_best_s")} for b in both}
     summary = {"epoch_s": per_pair("epoch_s"), "test_ndcg10": per_pair("test_ndcg10"), "to_best_s": per_pair("to_best_s"),
+               "objective_choice": objective_choice,
                "gflops": by_objective("gflops"), "gflops_of_matmul_peak": by_objective("of_peak"),
                "matmul_peak_gflops": float(np.mean(peaks)),
                "seeds": {f"{b}/{o}": len(values(b, o, "seed")) for b, o in pairs}}
@@ -147,6 +159,10 @@ def main() -> None:
              f"the invocation that ran it ({min(peaks):.0f}-{max(peaks):.0f} GFLOPS). Epoch s is training only; "
              "GFLOP counts the model's forward + backward (FlopCounterMode, scaled from 64 rows), not the data "
              "pipeline or the optimizer.")
+    for b, c in objective_choice.items():
+        notes += (f" {b}: prefix / all-positions test NDCG@10 = {c['prefix_over_all_positions_ndcg10']:.3f} "
+                  f"(Welch p {c['p_value']:.2f}) at {c['prefix_over_all_positions_to_best_s']:.0f}x the training "
+                  "seconds to the best epoch.")
     publish("training", "Backbone training: prefix vs all-positions objective (ML-100k)",
             {"summary": summary, "runs": runs}, "\n".join(lines), notes)
 

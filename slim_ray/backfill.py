@@ -280,7 +280,8 @@ def publish_lancedb(uri: Path, rows: pd.DataFrame, items: pd.DataFrame) -> dict:
     item_table = vectors_table(items.assign(categories=items["categories"].map(list)),
                                ["item_id", "raw_id", "title", "categories", "brand", "year", "text", "key"],
                                ["embedding"])
-    versions = {}
+    versions, existing = {}, set(db.list_tables().tables)
     for name, table in (("rationales", rationale_table), ("items", item_table)):
-        versions[name] = int(db.create_table(name, data=table, mode="overwrite").version)
+        mode = "overwrite" if name in existing else "create"  # lance logs a WARN when overwriting nothing
+        versions[name] = int(db.create_table(name, data=table, mode=mode).version)
     return {"uri": str(uri), "versions": versions}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -234,6 +235,9 @@ def export_student(adapter: Path, base_path: str, out_dir: Path, meta: dict) -> 
     """adapter/ + merged/ (base with the adapter folded in, ready for vLLM) + meta.json, atomically."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not torch.cuda.is_available():  # the merge imports DeepSpeed, which warns when it has to guess the CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     def write(tmp: Path) -> None:
         shutil.copytree(adapter, tmp / "adapter")

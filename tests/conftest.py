@@ -82,6 +82,17 @@ def amazon2023_files(tmp_path: Path) -> tuple[Path, Path]:
     return reviews, meta
 
 
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One local Ray for a whole test module, as `slim-ray pipeline` gives one to all its stages: each
+    stage's ray_session joins it instead of starting and stopping its own (seconds of both cores each)."""
+    from slim_ray.config import RayConfig
+    from slim_ray.ray_session import ray_session
+
+    with ray_session(RayConfig(num_cpus=2, object_store_memory_mb=200)) as session:
+        yield session
+
+
 @pytest.fixture(scope="session")
 def tiny_student(tmp_path_factory):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

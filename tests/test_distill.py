@@ -116,7 +116,7 @@ def test_few_held_out_users_make_the_quality_table_a_smoke_check():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_worker_zero_distillation_and_resume(tiny_student, tmp_path, stage):
+def test_two_worker_zero_distillation_and_resume(tiny_student, tmp_path, stage, shared_ray):
     base, _ = tiny_student
     teacher = tmp_path / "teacher.parquet"
     teacher_rows(24).to_parquet(teacher)

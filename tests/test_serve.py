@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def served_run(ring_dataset, tiny_student):
+def served_run(ring_dataset, tiny_student, shared_ray):
     """A SLIM-fused tiny SASRec trained on a real backfill (HF student), published as a serving bundle."""
     from slim_ray.backfill import run_backfill
     from slim_ray.train import run_train

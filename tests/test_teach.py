@@ -97,7 +97,7 @@ def _teach_overrides(root: Path, server: FaultServer, name: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_every_row_ends_as_rationale_or_failure_and_rerun_uses_cache(ring_dataset):
+def test_every_row_ends_as_rationale_or_failure_and_rerun_uses_cache(ring_dataset, shared_ray):
     with FaultServer(slow_s=1.5, retry_after_s=0.05) as server:
         cfg = load_config(None, _teach_overrides(ring_dataset, server, "run1"))
         run_prepare(cfg.data, cfg.prepared_dir)
@@ -132,16 +132,18 @@ def test_killed_run_resumes_without_recalling_cached_prompts(ring_dataset):
         cfg = load_config(None, overrides)
         run_prepare(cfg.data, cfg.prepared_dir)
         cmd = [sys.executable, "-m", "slim_ray.cli", "teach"] + [a for o in overrides for a in ("--set", o)]
-        env = {**os.environ, "RAY_ADDRESS": ""}
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # a fresh driver, as a user's shell starts it: none of the Ray variables of this process's session
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        log = ring_dataset / "killed_teach.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 240
         while sum(server.stats()["successes"].values()) < 8 and time.time() < deadline:
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, nothing else
         proc.wait()
         done_before = sum(server.stats()["successes"].values())
-        assert 8 <= done_before < 36, "the kill must land mid-run"
+        assert 8 <= done_before < 36, f"the kill must land mid-run; the driver's output ended:\n{log.read_text()[-3000:]}"
         assert not (cfg.run.output_dir / "teacher").exists()  # nothing half-written
 
         ledger = run_teach(cfg)
@@ -165,7 +167,7 @@ def _save_fold_model(cfg, fold: int, holdout_fold: int, n_items: int):
     return model
 
 
-def test_candidates_come_from_the_fold_model_that_never_saw_the_user(ring_dataset, tmp_path):
+def test_candidates_come_from_the_fold_model_that_never_saw_the_user(ring_dataset, tmp_path, shared_ray):
     cfg = load_config(None, [f"data.interactions={ring_dataset / 'r.inter'}", f"data.items={ring_dataset / 'r.item'}",
                              f"run.output_dir={tmp_path}", "teacher.candidates=backbone", "teacher.n_candidates=6",
                              "teacher.backbone_candidates=3", "teacher.num_samples=12", "data.checkpoints_per_user=2",
@@ -219,7 +221,7 @@ FAULT_SERVER_COMMAND = [sys.executable, "-m", "slim_ray.fault_server", "--host",
 
 
 @pytest.mark.slow
-def test_launch_local_runs_the_configured_server_for_the_stage_only(ring_dataset):
+def test_launch_local_runs_the_configured_server_for_the_stage_only(ring_dataset, shared_ray):
     """launch_local with a silent loopback base_url starts teacher.server_command (here the fault server
     standing in for llama.cpp or vLLM) for the stage, answers every row through it, and stops it."""
     from slim_ray.serve_app import free_port

@@ -17,7 +17,7 @@ TINY_SASREC = "train.model={hidden_size: 16, inner_size: 32, n_layers: 1, hidden
 
 
 @pytest.fixture(scope="module")
-def pattern_run(tmp_path_factory):
+def pattern_run(tmp_path_factory, shared_ray):
     """60 users walking the item ring (i -> i+1): a pattern every backbone can learn."""
     root = write_ring(tmp_path_factory.mktemp("pattern"), "ring", users=60, n_items=25, seed=0, length=(6, 10),
                       title="Movie", genres=("Drama",))
