@@ -103,12 +103,8 @@ def annotate(row: dict, index: TitleIndex, vocabulary: list[str]) -> dict:
 class TeacherActor:
     """Ray Data actor: calls the teacher for a batch of request rows, `concurrency` at a time."""
 
-    def __init__(self, teacher: dict, cache_dir: str, catalogue: list, limiter=None, progress=None):
-        import ray
-
-        # [ref] to {item_ids, titles, vocabulary}: nested, so the actor's own arguments stay small enough
-        # to travel inline (Ray warns about restartable actors whose arguments live in the object store).
-        catalogue = ray.get(catalogue[0])
+    def __init__(self, teacher: dict, cache_dir: str, item_ids: list[int], titles: list[str],
+                 vocabulary: list[str], limiter=None, progress=None):
         tc = TeacherConfig(**teacher)
         self.tc = tc
         self.caller = ChatCaller(tc.base_url, tc.model, resolve_api_key(tc.api_key_env, tc.base_url),
@@ -116,8 +112,7 @@ class TeacherActor:
                                  backoff_base_s=tc.backoff_base_s, backoff_max_s=tc.backoff_max_s,
                                  cache=ResponseCache(Path(cache_dir)), limiter=limiter)
         self.pool = ThreadPoolExecutor(tc.concurrency)
-        self.index = TitleIndex.from_items(catalogue["item_ids"], catalogue["titles"])
-        self.vocabulary = catalogue["vocabulary"]
+        self.index, self.vocabulary = TitleIndex.from_items(item_ids, titles), vocabulary
         self.progress = progress
 
     def _one(self, row: dict) -> dict:
@@ -252,10 +247,9 @@ def _run_teach(cfg: Config, num_samples: int | None) -> dict:
         if tc.requests_per_min or tc.tokens_per_min:
             limiter = ray.remote(num_cpus=0)(TokenBucketLimiter).remote(tc.requests_per_min, tc.tokens_per_min,
                                                                           tc.rate_burst_s)
-        catalogue = ray.put({"item_ids": items["item_id"].tolist(), "titles": items["title"].tolist(),
-                             "vocabulary": aspect_vocabulary(items)})
-        actor_kwargs = {"teacher": tc.model_dump(mode="json"), "cache_dir": str(cache_dir), "catalogue": [catalogue],
-                        "limiter": limiter, "progress": progress}
+        actor_kwargs = {"teacher": tc.model_dump(mode="json"), "cache_dir": str(cache_dir),
+                        "item_ids": items["item_id"].tolist(), "titles": items["title"].tolist(),
+                        "vocabulary": aspect_vocabulary(items), "limiter": limiter, "progress": progress}
 
         def answered(part: pd.DataFrame):
             ds = ray.data.from_pandas(part).repartition(max(1, len(part) // tc.batch_size))
