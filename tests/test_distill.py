@@ -210,3 +210,21 @@ def test_exported_students_declare_the_versions_of_their_inputs(tmp_path):
         versions.append(model_version(str(tmp_path / f"fold{fold}" / "merged")))
         assert versions[-1] == hashlib.sha256(inputs.encode()).hexdigest()[:16]
     assert versions[0] != versions[1]
+
+
+@pytest.mark.slow
+def test_exporting_a_student_on_a_cpu_driver_prints_no_deepspeed_guess(tmp_path):
+    """PEFT's merge imports DeepSpeed; on a CPU-only driver it warned that it had to guess the accelerator.
+    A fresh process, since the guess is made once per process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from slim_ray.distill import export_student; "
+            "from slim_ray.student import ensure_student_base; "
+            "export_student(Path(sys.argv[1]), ensure_student_base('smollm2-135m'), Path(sys.argv[2]), {})")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-c", code, str(STUDENTS_V2 / "fold0" / "adapter"), str(tmp_path / "s")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "s" / "merged").is_dir()
+    assert "Setting accelerator to CPU" not in done.stdout + done.stderr
