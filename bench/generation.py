@@ -72,6 +72,22 @@ def run_engine(engine: str, model: str, conversations: list[list[dict]], max_new
             "tok_s": sum(tokens) / wall, "texts": texts}
 
 
+CHILD_DIR = ROOT / "runs" / "bench_generation"  # each child's spec in, its result back out
+
+
+def in_child(tag: str, spec: dict, model: str, max_new_tokens: int, threads: int, batch_size: int = 32) -> dict:
+    """`spec` (an engine with its prompts and options, or the matmul probe) run by this script in a fresh
+    process with `threads` OpenMP threads; returns what the child wrote back to CHILD_DIR/<tag>.json."""
+    path = CHILD_DIR / f"{tag}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(path), "--max-new-tokens",
+                    str(max_new_tokens), "--threads", str(threads), "--batch-size", str(batch_size), "--model", model],
+                   check=True, env=env)
+    return json.loads(path.read_text())
+
+
 def in_actor(model: str, conversations: list[list[dict]], max_new_tokens: int, threads: int, env: dict,
              options: dict) -> dict:
     """The backfill's own StudentActor in a Ray Data pool: a warm-up batch of one prompt, then every prompt
@@ -138,15 +154,10 @@ def main() -> None:
                                       add_special_tokens=False)["input_ids"]) for c in conversations)
     # forward FLOPs per token ~ 2 x parameters (tied embeddings: the LM head is the one big matmul)
     params = AutoModelForCausalLM.from_pretrained(model).num_parameters()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     results = {}
     for engine in ["matmul", *[e for e in args.engines if e != "vllm_actor"]]:
-        spec = ROOT / "runs" / "bench_generation" / f"{engine}.json"
-        spec.write_text(json.dumps({"engine": engine, "conversations": conversations}))
-        subprocess.run([sys.executable, __file__, "--child", str(spec), "--max-new-tokens", str(args.max_new_tokens),
-                        "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--model", model],
-                       check=True, env=env)
-        results[engine] = json.loads(spec.read_text())
+        results[engine] = in_child(engine, {"engine": engine, "conversations": conversations}, model,
+                                   args.max_new_tokens, args.threads, args.batch_size)
         print(engine, {k: v for k, v in results[engine].items() if k != "texts"}, flush=True)
     if "vllm_actor" in args.engines:  # Ray in this process, one thread setting after another
         options = {"kv_cache_gb": 8, "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}

@@ -15,28 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, publish  # noqa: E402
-from generation import prompts  # noqa: E402
+from _report import publish  # noqa: E402
+from generation import CHILD_DIR, in_child, prompts  # noqa: E402
 
 
 def run_setting(options: dict, conversations: list, model: str, args, tag: str) -> dict:
     """One engine process under `options` (empty: vLLM's defaults); --reuse reads the last run's result."""
-    spec = ROOT / "runs" / "bench_generation" / f"tuning_{tag}.json"
-    if args.reuse and spec.is_file() and "tok_s" in json.loads(spec.read_text()):
-        return {**json.loads(spec.read_text()), "options": options}
-    spec.parent.mkdir(parents=True, exist_ok=True)
-    spec.write_text(json.dumps({"engine": "vllm", "conversations": conversations, "options": options}))
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, str(ROOT / "bench" / "generation.py"), "--child", str(spec),
-                    "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads), "--model", model],
-                   check=True, env=env)
-    result = {**json.loads(spec.read_text()), "options": options}
+    done = CHILD_DIR / f"tuning_{tag}.json"
+    if args.reuse and done.is_file() and "tok_s" in json.loads(done.read_text()):
+        return {**json.loads(done.read_text()), "options": options}
+    result = {**in_child(f"tuning_{tag}", {"engine": "vllm", "conversations": conversations, "options": options},
+                         model, args.max_new_tokens, args.threads), "options": options}
     print(tag, {k: v for k, v in result.items() if k != "texts"}, flush=True)
     return result
 

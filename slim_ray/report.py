@@ -130,8 +130,9 @@ def write_report(run_dir: Path) -> Path:
         lines += ["## Rationale quality (held-out users)", ""] + _table(
             ["model", *QUALITY], [[n, *(quality[n][k] for k in QUALITY)] for n in ("teacher", "untuned", "tuned")
                                   if n in quality])
-        if quality_caption(quality):
-            lines += [quality_caption(quality).capitalize() + ".", ""]
+        caption = quality_caption(quality)
+        if caption:
+            lines += [caption.capitalize() + ".", ""]
         if plot_quality(results, out / "rationale_quality.png"):
             lines += ["![rationale quality](rationale_quality.png)", ""]
     if "backfill" in results:
