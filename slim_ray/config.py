@@ -50,6 +50,10 @@ class RayConfig(_Section):
     verbose: bool = Field(False, description="Stream Ray worker logs to the console (errors are raised "
                           "either way; every stage prints its own per-epoch / per-batch lines regardless).")
     progress_bars: bool = Field(True, description="Ray Data progress bars on the console.")
+    train_poll_s: float = Field(0.2, gt=0, description="How often Ray Train's controller polls its workers "
+                                "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, Ray's default 2 s). It takes one epoch report "
+                                "per poll and sees a run's end one poll late (bench/fit_overhead.py); raise it on "
+                                "clusters with hundreds of workers.")
 
 
 class DataConfig(_Section):

@@ -310,6 +310,8 @@ def fit(task: Task, spec: LoopConfig, ray_cfg: RayConfig, dataset_rows: Any, nam
     micro_batch = micro_batch_size(spec, spec.num_workers)
     steps_per_epoch = math.ceil(math.ceil(rows / spec.num_workers) / micro_batch / spec.grad_accum)
     env = worker_env(spec.use_gpu, spec.cpus_per_worker)
+    # Read by the TorchTrainer from this process's environment and passed on to its controller.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(ray_cfg.train_poll_s)
     start = time.perf_counter()
     with ray_session(ray_cfg, env=env), progress_channel() as progress:
         shipped = dataclasses.replace(task, side={k: ray.put(v) for k, v in task.side.items()})

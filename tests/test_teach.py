@@ -125,22 +125,27 @@ def test_every_row_ends_as_rationale_or_failure_and_rerun_uses_cache(ring_datase
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_recalling_cached_prompts(ring_dataset):
+def test_killed_run_resumes_without_recalling_cached_prompts(ring_dataset, shared_ray):
     with FaultServer(scripts=[[], ["slow"]], slow_s=0.4) as server:
         overrides = _teach_overrides(ring_dataset, server, "killed") + ["teacher.timeout_s=5", "teacher.num_actors=1",
                                                                          "teacher.concurrency=1"]
         cfg = load_config(None, overrides)
         run_prepare(cfg.data, cfg.prepared_dir)
-        cmd = [sys.executable, "-m", "slim_ray.cli", "teach"] + [a for o in overrides for a in ("--set", o)]
-        # a fresh driver, as a user's shell starts it: none of the Ray variables of this process's session
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        # A driver submitted to a running cluster, as `ray job submit` starts one: killing it ends its job
+        # and the job's teacher actors. (A driver that starts its own Ray can miss Ray's fixed 30 s raylet
+        # start-up limit on 2 busy cores, beside the other test worker's clusters.)
+        cmd = [sys.executable, "-m", "slim_ray.cli", "teach", "--set", f"ray.address={shared_ray['address']}"]
+        cmd += [a for o in overrides for a in ("--set", o)]
+        # the shell of a user of the cluster: its auth mode (Ray's token, on by default), none of the other
+        # variables of this process's session
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_AUTH_MODE"}
         log = ring_dataset / "killed_teach.log"
         with log.open("w") as out:
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 240
         while sum(server.stats()["successes"].values()) < 8 and time.time() < deadline:
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, nothing else
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, nothing else
         proc.wait()
         done_before = sum(server.stats()["successes"].values())
         assert 8 <= done_before < 36, f"the kill must land mid-run; the driver's output ended:\n{log.read_text()[-3000:]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -78,9 +79,11 @@ def test_two_workers_train_checkpoint_and_resume(pattern_run, strategy, stage):
 @pytest.mark.slow
 def test_deepspeed_zero3_two_workers(pattern_run):
     cfg = pattern_run("zero3", "train.num_workers=2", "train.strategy=deepspeed", "train.zero_stage=3",
-                      "train.epochs=2")
+                      "train.epochs=2", "ray.train_poll_s=0.3")
     meta = run_train(cfg)
     assert meta["zero_stage"] == 3 and _epochs(meta) == [1, 2]
+    # Ray Train passes the driver's poll interval on to the run's controller (bench/fit_overhead.py)
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.3"
     saved = json.loads((cfg.model_dir() / "meta.json").read_text())
     assert saved["best_epoch"] in (1, 2)
     assert run_evaluate(cfg)["full"]["hr@20"] > 0
