@@ -3,7 +3,8 @@
   python bench/training.py                                  # SASRec + GRU4Rec both ways, SRGNN prefix; 3 seeds
   python bench/training.py --backbones SASRec --seeds 0     # one backbone, one seed a side
   python bench/training.py --objectives all_positions       # only these runs; finished runs (any objective)
-                                                            # are reused from --workdir and reported
+                                                            # are reused from --workdir and the committed
+                                                            # results (--fresh: not those) and reported
 
 Both objectives see every training target (t = 1..n-3 of each ML-100k user) once an epoch. `prefix`
 runs one forward pass per target (97k rows, batch 256); `all_positions` one per window of up to 50
@@ -61,17 +62,31 @@ def settings(objective: str, args) -> dict:
             "batch_size": args.window_batch if objective == "all_positions" else 256}
 
 
+def run_key(r: dict) -> tuple[str, str, int]:
+    return r["backbone"], r["objective"], r["seed"]
+
+
+def committed_runs() -> list[dict]:
+    """The runs in the committed bench/results/training.json, so a fresh machine (empty --workdir) adds rows
+    to the table instead of replacing it."""
+    path = ROOT / "bench" / "results" / "training.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+    return [{k: v for k, v in r.items() if k != "of_peak"} for r in runs]
+
+
 def finished_runs(args) -> list[dict]:
-    """Every run in --workdir that finished under this invocation's settings (any backbone or objective)."""
-    found = [json.loads(path.read_text()) for path in sorted(args.workdir.glob("*/result.json"))]
-    return [r for r in found if r["settings"] == settings(r["objective"], args)]
+    """Every run that finished under this invocation's settings (any backbone or objective): those in
+    --workdir, then the committed ones not rerun there (unless --fresh)."""
+    found = {run_key(r): r for r in ([] if args.fresh else committed_runs())}
+    found |= {run_key(r): r for r in (json.loads(path.read_text()) for path in sorted(args.workdir.glob("*/result.json")))}
+    return [r for r in found.values() if r["settings"] == settings(r["objective"], args)]
 
 
 def one_run(backbone: str, objective: str, offset: int, args) -> None:
     """Trains and tests one (backbone, objective, seed) unless it finished under the same settings, so an
     interrupted table resumes where it stopped (a prefix run takes tens of minutes here)."""
     done = args.workdir / f"{backbone}-{objective}-seed{offset}" / "result.json"
-    if done.exists() and json.loads(done.read_text()).get("settings") == settings(objective, args):
+    if (backbone, objective, 42 + offset) in {run_key(r) for r in finished_runs(args)}:
         return
     cfg = load_config(ROOT / "configs" / "ml100k.yaml", args.base_overrides + [
         f"run.output_dir={args.workdir / f'{backbone}-{objective}-seed{offset}'}", f"run.seed={42 + offset}",
@@ -105,6 +120,7 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--window-batch", type=int, default=32, help="windows per batch (all_positions)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_training")
+    parser.add_argument("--fresh", action="store_true", help="ignore the runs in the committed results file")
     args = parser.parse_args()
     args.base_overrides = [f"train.epochs={args.max_epochs}", f"train.patience={args.patience}",
                            "train.num_workers=1", "train.cpus_per_worker=2", "train.lr=0.001", "train.fusion=none"]
@@ -158,7 +174,8 @@ def main() -> None:
              f"masked. Each run's GFLOPS is set against the fp32 matmul peak (2 threads) measured at the start of "
              f"the invocation that ran it ({min(peaks):.0f}-{max(peaks):.0f} GFLOPS). Epoch s is training only; "
              "GFLOP counts the model's forward + backward (FlopCounterMode, scaled from 64 rows), not the data "
-             "pipeline or the optimizer.")
+             "pipeline or the optimizer. Rows this command did not run come from the committed results of earlier "
+             "invocations (the same settings; --fresh drops them).")
     for b, c in objective_choice.items():
         notes += (f" {b}: prefix / all-positions test NDCG@10 = {c['prefix_over_all_positions_ndcg10']:.3f} "
                   f"(Welch p {c['p_value']:.2f}) at {c['prefix_over_all_positions_to_best_s']:.0f}x the training "
