@@ -213,7 +213,8 @@ def main() -> None:
 
     summary = {"ndcg10_ratio_vs_recbole": {m: r["ndcg10_ratio"] for m, r in rows.items()},
                "hit10_ratio_vs_recbole": {m: r["hit10_ratio"] for m, r in rows.items()},
-               "epochs": args.epochs, "seeds_per_side": {m: r["seeds_per_side"] for m, r in rows.items()},
+               "epochs": args.epochs, "seeds": {m: r["seeds_per_side"] for m, r in rows.items()},  # a side
+               "shuffle_buffer": {m: r["shuffle_buffer"] for m, r in rows.items()},  # one protocol: all equal
                "identical_split_checked": True}
     std = lambda r, side: f" ± {r[side + '_ndcg10_std']:.4f}" if side + "_ndcg10_std" in r else ""  # noqa: E731
     lines = ["| model | seeds a side | our shuffle window | ours NDCG@10 | RecBole NDCG@10 | ratio | ours HR@10 "
