@@ -20,9 +20,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, publish  # noqa: E402
+from _report import ROOT, matmul_peak_gflops, publish  # noqa: E402
 
 BUDGET_S = 15 * 60
+
+
+def cache_listing() -> dict[str, list[str]]:
+    """What the one-time caches (teacher GGUF + llama.cpp wheel, converted student, DeepSpeed's CPU op) hold."""
+    from slim_ray.config import cache_root
+
+    return {part: sorted(p.name for p in (cache_root() / part).glob("*")) for part in ("models", "wheels", "torch_extensions")}
 
 
 def main() -> None:
@@ -35,6 +42,9 @@ def main() -> None:
     log = ROOT / "runs" / "bench_demo.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(run_dir, ignore_errors=True)
+    caches = cache_listing()  # before the run: a cold cache adds minutes of one-time set-up to the wall time
+    warm = all(caches.values()) and len(caches["models"]) >= 2
+    peak = matmul_peak_gflops(2)  # machines of one kind differ by ~10% from run to run: state this one's speed
     start = time.perf_counter()
     with log.open("w") as out:
         code = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
@@ -51,7 +61,8 @@ def main() -> None:
                "backfill_users": backfill["users"], "backfill_rows": backfill["rows"],
                "backfill_generation_tokens_per_s": backfill["generation_tokens_per_s"],
                "teacher_answers_from_cache": results["teach"]["result"]["from_cache"], "base_ndcg10": compared["base"],
-               "slim_ndcg10": compared["slim"]}
+               "slim_ndcg10": compared["slim"], "caches_warm": warm, "caches_before": caches,
+               "matmul_peak_gflops": peak}
     rows = "\n".join(f"| {name} | {seconds:.0f} | {seconds / wall:.0%} |" for name, seconds in stages.items())
     table = (f"| stage | wall s | share |\n|---|---:|---:|\n{rows}\n"
              f"| setup check + Ray/process start-up | {summary['setup_and_startup_s']:.0f} | "
@@ -60,8 +71,10 @@ def main() -> None:
              f"rationales for {backfill['users']} users at {backfill['generation_tokens_per_s']:.1f} tokens/s inside the vLLM calls (engine load, Ray start and encoding excluded). "
              f"Teacher answers taken from a response cache: {summary['teacher_answers_from_cache']} of {results['teach']['result']['rows']}. "
              f"Base vs SLIM test NDCG@10 at demo budgets: {compared['base']:.4f} vs {compared['slim']:.4f}. "
-             "Caches in ~/.cache/slim-ray (offline teacher GGUF + llama.cpp wheel, converted student) were warm; "
-             "a first run on a fresh machine also fetches the teacher and compiles llama.cpp (README).")
+             "Caches in ~/.cache/slim-ray (offline teacher GGUF + llama.cpp wheel, converted student, DeepSpeed's "
+             f"CPU op) {'were warm' if warm else 'were NOT all warm: this includes one-time set-up'} before the run; "
+             "a first run on a fresh machine also fetches the teacher and compiles llama.cpp (README). fp32 matmul "
+             f"peak of this machine (2 threads), measured before the run: {peak:.0f} GFLOPS.")
     publish("demo", "End-to-end demo wall time (README run command, ML-100k)", {"summary": summary}, table, notes)
 
 
