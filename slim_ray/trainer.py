@@ -35,7 +35,7 @@ from slim_ray.progress import report
 def worker_env(use_gpu: bool, threads: int) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": str(threads)}
     if not use_gpu:
-        # DeepSpeed JIT-compiles its shared-memory comm op on first use (~2 min): keep it cached.
+        # Ops DeepSpeed JIT-compiles on CPU are built once per environment: keep them in our cache.
         env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=os.environ.get(
             "TORCH_EXTENSIONS_DIR", str(cache_root() / "torch_extensions")))
     return env
@@ -87,6 +87,11 @@ class Engine:
         if self.deep:
             import deepspeed
 
+            if not spec.use_gpu:
+                # DeepSpeed's CPU backend JIT-compiles its shared-memory comm op (~2 min in every new
+                # environment) although only inference all-reduce uses it; training all-reduces go through
+                # torch.distributed (gloo). Marking the op unbuildable skips the compile.
+                deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
             deepspeed.init_distributed(dist_backend="nccl" if spec.use_gpu else "gloo")
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
