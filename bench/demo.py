@@ -26,10 +26,10 @@ BUDGET_S = 15 * 60
 
 
 def cache_listing() -> dict[str, list[str]]:
-    """What the one-time caches (teacher GGUF + llama.cpp wheel, converted student, DeepSpeed's CPU op) hold."""
+    """What the one-time caches (teacher GGUF + llama.cpp wheel, converted student) hold."""
     from slim_ray.config import cache_root
 
-    return {part: sorted(p.name for p in (cache_root() / part).glob("*")) for part in ("models", "wheels", "torch_extensions")}
+    return {part: sorted(p.name for p in (cache_root() / part).glob("*")) for part in ("models", "wheels")}
 
 
 def main() -> None:
@@ -71,8 +71,8 @@ def main() -> None:
              f"rationales for {backfill['users']} users at {backfill['generation_tokens_per_s']:.1f} tokens/s inside the vLLM calls (engine load, Ray start and encoding excluded). "
              f"Teacher answers taken from a response cache: {summary['teacher_answers_from_cache']} of {results['teach']['result']['rows']}. "
              f"Base vs SLIM test NDCG@10 at demo budgets: {compared['base']:.4f} vs {compared['slim']:.4f}. "
-             "Caches in ~/.cache/slim-ray (offline teacher GGUF + llama.cpp wheel, converted student, DeepSpeed's "
-             f"CPU op) {'were warm' if warm else 'were NOT all warm: this includes one-time set-up'} before the run; "
+             "Caches in ~/.cache/slim-ray (offline teacher GGUF + llama.cpp wheel, converted student) "
+             f"{'were warm' if warm else 'were NOT all warm: this includes one-time set-up'} before the run; "
              "a first run on a fresh machine also fetches the teacher and compiles llama.cpp (README). fp32 matmul "
              f"peak of this machine (2 threads), measured before the run: {peak:.0f} GFLOPS.")
     publish("demo", "End-to-end demo wall time (README run command, ML-100k)", {"summary": summary}, table, notes)
